@@ -1,0 +1,1 @@
+"""Pure-torch cascade ranking: batches, models (DSSM, DIN, MLP), objectives and metrics."""

@@ -1,0 +1,45 @@
+"""Shared bits of the job entry points: logging setup and turning known errors into one-line messages."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from cascadelab.platform.config import ConfigError
+from cascadelab.platform.data.schema import DataError
+
+USER_ERRORS = (ConfigError, DataError, FileNotFoundError)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("ray", "mlflow", "alembic", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_main(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a job; a user error (bad config, bad data) prints one line to stderr and exits 2."""
+    try:
+        return func(args)
+    except USER_ERRORS as exc:
+        print(f"cascadelab: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="YAML file with config overrides")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key, e.g. --set objective.tau=100 (repeatable)")
+
+
+def standalone(add_parser: Callable[[argparse._SubParsersAction], None], name: str) -> int:
+    """``python -m cascadelab.jobs.<name> ...``: the same arguments as ``cascadelab <name> ...``."""
+    parser = argparse.ArgumentParser(prog=f"python -m cascadelab.jobs.{name}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_parser(sub)
+    args = parser.parse_args([name, *sys.argv[1:]])
+    setup_logging(getattr(args, "verbose", False))
+    return run_main(args.func, args)

@@ -1,0 +1,240 @@
+"""Typed run configuration: dataclass defaults that run, one YAML file + ``--set key=value`` override layer.
+
+Every field has a default that works on the embedded setup (local Ray, SQLite MLflow, synthetic data).
+``load_config`` merges a YAML file and then ``--set`` overrides on top of the defaults; an unknown key is
+rejected with the list of valid keys at that level.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A one-line configuration error naming the key (or file) and what was expected."""
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/demo"  # day-partitioned Parquet dataset written by `cascadelab generate` or `convert`
+    train_days: list[str] | None = None  # None: every day except eval_day, in date order
+    eval_day: str | None = None  # None: the last day of the dataset
+    batch_size: int = 1024
+    eval_batch_size: int = 1024
+    shuffle_buffer: int = 0  # rows in Ray Data's local shuffle buffer; 0 disables shuffling
+    max_rows_per_day: int | None = None  # cap rows read per day (quick runs); None: all rows
+
+
+@dataclass
+class StageConfig:
+    model: str = "dssm"  # dssm | din | mlp
+    k: int = 30  # how many candidates this stage passes on
+
+
+def _two_stage() -> list[StageConfig]:
+    return [StageConfig("dssm", 30), StageConfig("din", 20)]
+
+
+@dataclass
+class ModelConfig:
+    emb_dim: int = 8
+    hidden: int = 128
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "dftopk"  # see cascadelab.cascade.objectives.OBJECTIVES
+    gt_k: int = 10  # ground-truth items per request (Recall@10@m)
+    tau: float = 500.0  # DFTopK temperature on raw logits (the DFTopK paper's value)
+    bce_last_stage_groups: int = 2  # BCE trains the last stage on the first N candidate groups only
+
+
+@dataclass
+class TrainConfig:
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0  # leave CPUs for Ray Data's read tasks on small machines
+    use_gpu: str = "auto"  # auto | true | false; auto = use a GPU when the cluster has one
+    lr: float = 1e-2
+    seed: int = 42
+    storage_path: str = "results"  # Ray Train results and checkpoints (absolute, s3://, gs://)
+    checkpoints_to_keep: int = 2
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
+    experiment: str = "cascadelab"
+    run_name: str | None = None  # None: <objective>-<timestamp>-<random>; always unique
+
+
+@dataclass
+class CascadeConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    stages: list[StageConfig] = field(default_factory=_two_stage)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_scalar(value: Any, tp: Any, key: str) -> Any:
+    """Coerce ``value`` to the annotated type ``tp`` or raise a ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_scalar(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"config key '{key}': unexpected value {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_check_scalar(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+        return _build(tp, value, key)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is str and isinstance(value, bool):
+        return "true" if value else "false"
+    if tp is str and isinstance(value, (int, float)):
+        return str(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"config key '{key}': expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    obj = cls()
+    _merge(obj, values, prefix)
+    return obj
+
+
+def _merge(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in values.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            where = f"under '{prefix}'" if prefix else "at the top level"
+            raise ConfigError(f"unknown config key '{full}'; valid keys {where}: {', '.join(names)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            _merge(current, value, full)
+        else:
+            setattr(obj, key, _check_scalar(value, hints[key], full))
+
+
+def _parse_override(item: str) -> dict[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}': expected key=value, e.g. objective.tau=100")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{item}': empty key before '='")
+    value = yaml.safe_load(raw) if raw.strip() else None
+    nested: dict[str, Any] = {}
+    cursor = nested
+    parts = key.split(".")
+    for part in parts[:-1]:
+        cursor = cursor.setdefault(part, {})
+    cursor[parts[-1]] = value
+    return nested
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> CascadeConfig:
+    """Defaults, then the YAML file at ``path`` (if any), then ``key=value`` overrides; validated."""
+    cfg = CascadeConfig()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file '{p}': not valid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file '{p}': expected a mapping at the top level")
+        _merge(cfg, loaded)
+    for item in overrides or []:
+        _merge(cfg, _parse_override(item))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: CascadeConfig) -> None:
+    """Checks that need more than a type: positive sizes, known names, stage sizes that shrink."""
+    from cascadelab.cascade.models import MODELS
+    from cascadelab.cascade.objectives import OBJECTIVES
+
+    if not cfg.stages:
+        raise ConfigError("config key 'stages': expected at least one stage")
+    prev = None
+    for i, stage in enumerate(cfg.stages):
+        if stage.model not in MODELS:
+            raise ConfigError(f"config key 'stages[{i}].model': unknown model '{stage.model}'; "
+                              f"valid: {', '.join(sorted(MODELS))}")
+        if stage.k <= 0 or (prev is not None and stage.k > prev):
+            raise ConfigError(f"config key 'stages[{i}].k': expected 0 < k <= the previous stage's k, "
+                              f"got {stage.k}")
+        prev = stage.k
+    if cfg.objective.name not in OBJECTIVES:
+        raise ConfigError(f"config key 'objective.name': unknown objective '{cfg.objective.name}'; "
+                          f"valid: {', '.join(sorted(OBJECTIVES))}")
+    positive = {
+        "objective.gt_k": cfg.objective.gt_k, "objective.tau": cfg.objective.tau,
+        "data.batch_size": cfg.data.batch_size, "data.eval_batch_size": cfg.data.eval_batch_size,
+        "train.num_workers": cfg.train.num_workers, "train.cpus_per_worker": cfg.train.cpus_per_worker,
+        "train.lr": cfg.train.lr, "train.checkpoints_to_keep": cfg.train.checkpoints_to_keep,
+        "model.emb_dim": cfg.model.emb_dim, "model.hidden": cfg.model.hidden,
+    }
+    for key, value in positive.items():
+        if not value > 0:
+            raise ConfigError(f"config key '{key}': expected a positive value, got {value}")
+    if cfg.data.shuffle_buffer < 0:
+        raise ConfigError(f"config key 'data.shuffle_buffer': expected >= 0, got {cfg.data.shuffle_buffer}")
+    if cfg.train.use_gpu not in ("auto", "true", "false"):
+        raise ConfigError(f"config key 'train.use_gpu': expected auto, true or false, got {cfg.train.use_gpu!r}")
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}, "s": [{"k": 2}]}`` -> ``{"a.b": 1, "s.0.k": 2}`` (for MLflow params)."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            out.update(flatten(value, full))
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            for i, v in enumerate(value):
+                out.update(flatten(v, f"{full}.{i}"))
+        else:
+            out[full] = value
+    return out
+
+
+def from_dict(d: dict[str, Any]) -> CascadeConfig:
+    """Rebuild a config from ``to_dict()`` output (how workers receive it)."""
+    cfg = CascadeConfig()
+    _merge(cfg, d)
+    return cfg

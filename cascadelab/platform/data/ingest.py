@@ -1,0 +1,108 @@
+"""Ray Data ingest: one dataset per day with column projection, collated to torch without copies.
+
+``read_day`` checks the day's files before any Ray work (a missing directory, a day with no files, a
+missing column or a wrong list length each stop with one line naming the file and the column).
+``ArrowToTorch`` turns an Arrow batch into the tensors of a ``CascadeBatch``: the fixed-size list
+columns are reinterpreted as ``[B, slots, fields]`` views of the Arrow buffers; only the concatenation
+of the candidate groups copies.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from ray.data.collate_fn import ArrowBatchCollateFn
+
+from cascadelab.platform.data.schema import (
+    ITEM_FIELDS,
+    SEQ_FIELDS,
+    SEQ_LEN,
+    SLOTS,
+    USER_FIELDS,
+    DataError,
+    DatasetMeta,
+    arrow_schema,
+    check_table_schema,
+    columns_for,
+    day_dir,
+)
+
+
+def day_files(root: str | Path, day: str, mode: str, groups: tuple[str, ...]) -> list[str]:
+    """The day's Parquet files after checking each file's schema for the columns a run reads."""
+    d = day_dir(root, day)
+    if not d.is_dir():
+        raise DataError(f"day '{day}': directory '{d}' does not exist")
+    files = sorted(str(p) for p in d.glob("*.parquet"))
+    if not files:
+        raise DataError(f"day '{day}': no *.parquet files in '{d}'")
+    full = arrow_schema(mode)
+    expected = pa.schema([full.field(c) for c in columns_for(groups)])
+    for path in files:
+        try:
+            got = pq.read_schema(path)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise DataError(f"'{path}': not a readable Parquet file ({str(exc).splitlines()[0]})") from None
+        check_table_schema(got, expected, path)
+    return files
+
+
+def read_day(root: str | Path, day: str, meta: DatasetMeta, groups: tuple[str, ...],
+             max_rows: int | None = None):
+    """A Ray Dataset of one day, projected to the columns a cascade over ``groups`` needs."""
+    import ray.data
+
+    files = day_files(root, day, meta.mode, groups)
+    ds = ray.data.read_parquet(files, columns=columns_for(groups), partitioning=None)
+    if max_rows is not None:
+        ds = ds.limit(max_rows)
+    return ds
+
+
+def _fsl_view(col: pa.ChunkedArray | pa.Array, width: int) -> np.ndarray:
+    """A fixed-size list column as a ``[rows, width]`` numpy view of its values (no copy for one chunk)."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    flat = arr.flatten()  # honours the slice offset, unlike .values
+    return flat.to_numpy(zero_copy_only=False).reshape(-1, width)
+
+
+def _tensor(x: np.ndarray) -> torch.Tensor:
+    with warnings.catch_warnings():  # Arrow buffers are read-only; we never write to them
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(x)
+
+
+def arrow_to_tensors(table: pa.Table, groups: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """``pa.Table`` batch -> tensors of a ``CascadeBatch`` (see cascadelab.cascade.batch)."""
+    user = np.stack([table.column(f).to_numpy() for f in USER_FIELDS], axis=1)
+    seq = _tensor(_fsl_view(table.column("seq_items"), SEQ_LEN * len(SEQ_FIELDS))).view(-1, SEQ_LEN,
+                                                                                           len(SEQ_FIELDS))
+    seq_mask = _tensor(_fsl_view(table.column("seq_mask"), SEQ_LEN)).bool()
+    items = [_tensor(_fsl_view(table.column(f"{g}_items"), SLOTS * len(ITEM_FIELDS))).view(
+        -1, SLOTS, len(ITEM_FIELDS)) for g in groups]
+    masks = [_tensor(_fsl_view(table.column(f"{g}_mask"), SLOTS)) for g in groups]
+    labels = [_tensor(_fsl_view(table.column(f"{g}_label"), SLOTS)) for g in groups]
+    return {
+        "user": torch.from_numpy(user),
+        "seq": seq,
+        "seq_mask": seq_mask,
+        "items": torch.cat(items, dim=1),
+        "mask": torch.cat(masks, dim=1).bool(),
+        "label": torch.cat(labels, dim=1),
+    }
+
+
+class ArrowToTorch(ArrowBatchCollateFn):
+    """Ray Data collate: Arrow batch -> ``dict`` of CPU tensors (Ray moves them to the device)."""
+
+    def __init__(self, groups: tuple[str, ...]):
+        super().__init__()
+        self.groups = tuple(groups)
+
+    def __call__(self, batch: pa.Table) -> dict[str, torch.Tensor]:
+        return arrow_to_tensors(batch, self.groups)

@@ -1,0 +1,35 @@
+import subprocess
+import sys
+
+import pytest
+
+from cascadelab.cli import build_parser, main
+
+
+def test_every_subcommand_has_help(capsys):
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name in sub.choices:
+        with pytest.raises(SystemExit) as exc:
+            parser.parse_args([name, "--help"])
+        assert exc.value.code == 0
+        assert name in capsys.readouterr().out
+
+
+def test_generate_then_unknown_config_key(tmp_path, capsys):
+    assert main(["generate", "--out", str(tmp_path / "d"), "--days", "2", "--requests-per-day", "16"]) == 0
+    assert "wrote 32 requests over 2 days" in capsys.readouterr().out
+    code = main(["train", "--set", f"data.path={tmp_path / 'd'}", "--set", "data.bath_size=3"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0
+    assert "unknown config key 'data.bath_size'" in err and "batch_size" in err
+
+
+def test_missing_data_dir_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "cascadelab.jobs.train", "--set",
+                           f"data.path={tmp_path / 'none'}", "--set", f"tracking.uri=sqlite:///{tmp_path}/m.db"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"cascadelab: error: data directory '{tmp_path / 'none'}' does not exist; create one with "
+        f"`cascadelab generate --out {tmp_path / 'none'}`"]
