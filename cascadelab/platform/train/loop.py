@@ -63,10 +63,21 @@ def evaluate(model: torch.nn.Module, shard, collate: ArrowToTorch, batch_size: i
     return finalize(sums)
 
 
+def _progress(enabled: bool, rank: int, desc: str, total: int):
+    """A per-day progress bar rendered by the driver (rank 0 only, when the driver has a terminal)."""
+    if not enabled or rank != 0 or os.environ.get("TQDM_DISABLE"):
+        return None
+    from ray.experimental import tqdm_ray
+
+    return tqdm_ray.tqdm(desc=desc, total=total, unit="step")
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
     import ray.train
     from ray.train.torch import get_device, prepare_model
 
+    if not logging.getLogger().handlers:  # worker processes start without logging configured
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = from_dict(loop_config["config"])
     days: list[str] = loop_config["train_days"]
     groups = tuple(loop_config["groups"])
@@ -92,9 +103,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
     collate = ArrowToTorch(groups)
 
     metrics: dict[str, float] = {}
+    rows_per_day: dict[str, int] = loop_config.get("rows_per_day", {})
     for day_index in range(start_day, len(days)):
-        shard = ray.train.get_dataset_shard(f"train-{days[day_index]}")
-        rows, loss_sum, steps, wait_s = 0, 0.0, 0, 0.0
+        day = days[day_index]
+        shard = ray.train.get_dataset_shard(f"train-{day}")
+        bar = _progress(loop_config.get("progress", False), rank, f"day {day_index + 1}/{len(days)} {day}",
+                        -(-rows_per_day.get(day, 0) // (world * cfg.data.batch_size)))
+        rows, loss_sum, steps, wait_s, first_wait = 0, 0.0, 0, 0.0, 0.0
         comp_sums: dict[str, float] = {}
         t_day = time.perf_counter()
         t_wait = time.perf_counter()
@@ -102,7 +117,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
                                                 device=device,
                                                 local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
                                                 local_shuffle_seed=cfg.train.seed + day_index):
-            wait_s += time.perf_counter() - t_wait
+            waited = time.perf_counter() - t_wait
+            if steps == 0:
+                first_wait = waited  # pipeline start-up of this day's dataset
+            else:
+                wait_s += waited
             batch = CascadeBatch.from_dict(tensors)
             _, out = model(batch)
             optimizer.zero_grad(set_to_none=True)
@@ -114,25 +133,33 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
                 comp_sums[key] = comp_sums.get(key, 0.0) + value
             rows += batch.size
             steps += 1
+            if bar is not None:
+                bar.update(1)
             t_wait = time.perf_counter()
+        if bar is not None:
+            bar.close()
         day_s = time.perf_counter() - t_day
-        local = {"rows": float(rows), "steps": float(steps), "loss": float(loss_sum),
-                 "wait_s": wait_s, "day_s": day_s, **{k: float(v) for k, v in comp_sums.items()}}
+        busy_s = max(day_s - first_wait, 1e-9)  # steady state: after the first batch arrived
+        local = {"rows": float(rows), "steps": float(steps), "loss": float(loss_sum), "wait_s": wait_s,
+                 "busy_s": busy_s, **{k: float(v) for k, v in comp_sums.items()}}
         tot = _all_reduce(local, device)
         history["train_rows"] += tot["rows"]
-        history["train_s"] += day_s
+        history["train_s"] += busy_s
         n_steps = max(tot["steps"], 1.0)
         metrics = {
             "train_loss": tot["loss"] / n_steps,
             **{k: tot[k] / n_steps for k in comp_sums},
-            "samples_per_s": tot["rows"] / max(day_s, 1e-9),  # global: all workers' rows / wall time
-            "samples_per_s_per_worker": rows / max(day_s, 1e-9),
-            "step_time_s": day_s / max(steps, 1),
-            "data_wait_share": wait_s / max(day_s, 1e-9),
+            "samples_per_s": tot["rows"] / busy_s,  # global: all workers' rows / steady-state wall time
+            "samples_per_s_per_worker": rows / busy_s,
+            "step_time_s": busy_s / max(steps, 1),
+            "data_wait_share": wait_s / busy_s,
+            "first_batch_s": first_wait,
             "day_index": float(day_index),
         }
         if rank == 0:
             log_metrics(uri, run_id, metrics, step=day_index)
+            log.info("day %d/%d %s: loss %.4f, %.0f samples/s, data wait %.1f%%", day_index + 1, len(days), day,
+                     metrics["train_loss"], metrics["samples_per_s"], 100 * metrics["data_wait_share"])
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
@@ -141,7 +168,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
                          "vocab": loop_config["vocab"], "days": days}
                 torch.save(state, os.path.join(tmp, CHECKPOINT_FILE))
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report({**metrics, "day": days[day_index]}, checkpoint=ckpt)
+            ray.train.report({**metrics, "day": day}, checkpoint=ckpt)
 
     eval_metrics = evaluate(model, ray.train.get_dataset_shard("eval"), collate, cfg.data.eval_batch_size, device)
     final = {**eval_metrics, "samples_per_s": history["train_rows"] / max(history["train_s"], 1e-9),

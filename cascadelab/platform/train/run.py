@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -16,8 +17,14 @@ from cascadelab.platform.config import CascadeConfig, ConfigError, flatten
 from cascadelab.platform.data.ingest import day_files, read_day
 from cascadelab.platform.data.schema import DataError, DatasetMeta, groups_for
 from cascadelab.platform.runtime import decide_use_gpu, ensure_ray
-from cascadelab.platform.tracking import end_run, log_artifacts, log_metrics, log_text, resolve_tracking_uri, \
-    start_run
+from cascadelab.platform.tracking import (
+    end_run,
+    log_artifacts,
+    log_metrics,
+    log_text,
+    resolve_tracking_uri,
+    start_run,
+)
 from cascadelab.platform.train.loop import train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -105,6 +112,7 @@ def run_training(cfg: CascadeConfig) -> TrainResult:
         train_loop_config={
             "config": resolved, "train_days": train_days, "groups": list(groups), "vocab": meta.vocab,
             "tracking_uri": uri, "run_id": run_id, "torch_threads": threads,
+            "rows_per_day": meta.rows_per_day, "progress": sys.stderr.isatty(),
         },
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources),

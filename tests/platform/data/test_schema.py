@@ -73,7 +73,8 @@ def test_schema_mismatch_names_file_and_column(tmp_path, ds):
         return t.set_column(t.schema.get_field_index("rank_neg_mask"), "rank_neg_mask", short)
 
     out = _rewrite(ds, tmp_path / "b", shorter)
-    with pytest.raises(DataError, match="column 'rank_neg_mask' has type fixed_size_list<.*: int8>\\[9\\], expected .*\\[10\\]"):
+    expected = r"column 'rank_neg_mask' has type fixed_size_list<.*: int8>\[9\], expected .*\[10\]"
+    with pytest.raises(DataError, match=expected):
         day_files(tmp_path / "b", "2024-01-13", "two_stage", GROUPS_TWO_STAGE)
 
 

@@ -20,7 +20,8 @@ def test_training_run_is_tracked_in_mlflow(ray_local, tiny_dataset, sqlite_uri, 
     assert 0.0 <= result.metrics["joint_recall"] <= 1.0
     assert result.metrics["samples_per_s"] > 0
 
-    runs = mlflow.search_runs(experiment_names=["it"], tracking_uri=sqlite_uri)
+    mlflow.set_tracking_uri(sqlite_uri)
+    runs = mlflow.search_runs(experiment_names=["it"])
     assert len(runs) == 1
     run = runs.iloc[0]
     assert run["run_id"] == result.run_id and run["status"] == "FINISHED"
@@ -37,7 +38,7 @@ def test_training_run_is_tracked_in_mlflow(ray_local, tiny_dataset, sqlite_uri, 
                                             "tracking.experiment=it", "data.batch_size=128",
                                             f"train.storage_path={tmp_path / 'results'}"]))
     assert again.run_name != result.run_name
-    assert len(mlflow.search_runs(experiment_names=["it"], tracking_uri=sqlite_uri)) == 2
+    assert len(mlflow.search_runs(experiment_names=["it"])) == 2
 
 
 def test_missing_data_fails_before_any_ray_work(tmp_path, sqlite_uri):
