@@ -20,7 +20,7 @@ def tiny_dataset(tmp_path_factory) -> Path:
     from cascadelab.platform.data.synthetic import SyntheticConfig, generate
 
     root = tmp_path_factory.mktemp("data") / "tiny"
-    generate(SyntheticConfig(days=3, requests_per_day=256, seed=7), root)
+    generate(SyntheticConfig(days=3, requests_per_day=192, seed=7), root)
     return root
 
 

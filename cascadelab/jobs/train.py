@@ -1,12 +1,21 @@
-"""``cascadelab train`` / ``python -m cascadelab.jobs.train``: one tracked training run on Ray."""
+"""``cascadelab train`` / ``python -m cascadelab.jobs.train``: tracked training runs on Ray.
+
+``--seeds N`` repeats the run with N consecutive seeds under one MLflow parent run that holds the mean
+and standard deviation of every final metric; ``--resume RUN`` continues an interrupted run.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import time
 
 from cascadelab.jobs.common import add_config_args, standalone
-from cascadelab.platform.config import load_config
+from cascadelab.platform.config import ConfigError, flatten, load_config
+
+SUMMARY_KEYS = ("joint_recall", "retrieval_recall", "retrieval_ndcg", "prerank_recall", "prerank_ndcg",
+                "ranking_recall", "ranking_ndcg", "samples_per_s")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -15,16 +24,64 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "DSSM top-30 -> DIN top-20 with DFTopK on data/demo) with Ray Train, day "
                                    "by day, evaluate on the held-out last day, log everything to MLflow.")
     add_config_args(p)
+    p.add_argument("--seeds", type=int, default=1, metavar="N",
+                   help="repeat with N consecutive seeds (train.seed, +1, ...) and report mean +- std")
+    p.add_argument("--resume", metavar="RUN_NAME",
+                   help="continue an interrupted run from its last checkpoint, with its logged config")
     p.set_defaults(func=main)
 
 
-def main(args: argparse.Namespace) -> int:
-    from cascadelab.platform.train.run import run_training
+def mean_std(results: list[dict[str, float]]) -> dict[str, tuple[float, float]]:
+    out = {}
+    for key in results[0]:
+        values = [r[key] for r in results if key in r]
+        if len(values) == len(results):
+            out[key] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+    return out
 
+
+def main(args: argparse.Namespace) -> int:
+    from cascadelab.platform.tracking import end_run, log_metrics, resolve_tracking_uri, start_run
+    from cascadelab.platform.train.run import load_run_config, run_training
+
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds: expected a positive number of repeats, got {args.seeds}")
     cfg = load_config(args.config, args.overrides)
-    result = run_training(cfg)
-    print(json.dumps({"run_id": result.run_id, "run_name": result.run_name,
-                      "tracking_uri": result.tracking_uri, "metrics": result.metrics}, indent=2))
+    if args.resume:
+        if args.seeds != 1:
+            raise ConfigError("--resume continues one run; it cannot be combined with --seeds")
+        uri = resolve_tracking_uri(cfg.tracking.uri)
+        cfg = load_run_config(uri, cfg.tracking.experiment, args.resume)
+        result = run_training(cfg, resume=args.resume)
+        print(json.dumps({"run_id": result.run_id, "run_name": result.run_name, "metrics": result.metrics}, indent=2))
+        return 0
+    if args.seeds == 1:
+        result = run_training(cfg)
+        print(json.dumps({"run_id": result.run_id, "run_name": result.run_name,
+                          "tracking_uri": result.tracking_uri, "metrics": result.metrics}, indent=2))
+        return 0
+
+    uri = resolve_tracking_uri(cfg.tracking.uri)
+    base = cfg.train.seed
+    parent = start_run(uri, cfg.tracking.experiment,
+                       f"{cfg.objective.name}-x{args.seeds}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}",
+                       {**flatten(cfg.to_dict()), "seeds": args.seeds}, tags={"cascadelab.repeats": str(args.seeds)})
+    results = []
+    try:
+        for i in range(args.seeds):
+            run_cfg = load_config(args.config, [*args.overrides, f"train.seed={base + i}"])
+            results.append(run_training(run_cfg, tags={"mlflow.parentRunId": parent}).metrics)
+    except BaseException:
+        end_run(uri, parent, "FAILED")
+        raise
+    stats = mean_std(results)
+    log_metrics(uri, parent, {**{f"{k}_mean": m for k, (m, _) in stats.items()},
+                              **{f"{k}_std": s for k, (_, s) in stats.items()}})
+    end_run(uri, parent)
+    print(f"{cfg.objective.name}, {args.seeds} seeds ({base}..{base + args.seeds - 1}), MLflow parent run {parent}:")
+    for key in SUMMARY_KEYS:
+        if key in stats:
+            print(f"  {key:18s} {stats[key][0]:.4f} +- {stats[key][1]:.4f}")
     return 0
 
 

@@ -76,3 +76,10 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     from mlflow import MlflowClient
 
     MlflowClient(uri).set_terminated(run_id, status=status)
+
+
+def reopen_run(uri: str, run_id: str) -> None:
+    """Mark a finished or failed run as running again (``--resume``)."""
+    from mlflow import MlflowClient
+
+    MlflowClient(uri).update_run(run_id, status="RUNNING")

@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import os
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from cascadelab.platform.tracking import (
     log_artifacts,
     log_metrics,
     log_text,
+    reopen_run,
     resolve_tracking_uri,
     start_run,
 )
@@ -77,9 +79,52 @@ def cascade_groups(meta: DatasetMeta, num_stages: int) -> tuple[str, ...]:
     return groups_for("two_stage")
 
 
-def run_training(cfg: CascadeConfig) -> TrainResult:
-    """Train ``cfg`` on Ray (the local embedded cluster unless RAY_ADDRESS is set), tracked in MLflow."""
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+def check_cpu_budget(cfg: CascadeConfig, cluster_cpus: float) -> None:
+    """Train workers holding every CPU starve Ray Data's read tasks and the run hangs; refuse that."""
+    need = cfg.train.num_workers * cfg.train.cpus_per_worker
+    if need > cluster_cpus - 0.5:
+        raise ConfigError(
+            f"config keys 'train.num_workers' x 'train.cpus_per_worker' = {need:g} CPUs leaves no CPU for Ray "
+            f"Data on a cluster with {cluster_cpus:g} CPUs; use at most {max(cluster_cpus - 1, 0.5):g} CPUs "
+            f"in total (e.g. train.cpus_per_worker={max((cluster_cpus - 1) / cfg.train.num_workers, 0.25):g})")
+
+
+def find_run(uri: str, experiment: str, run_name: str) -> str:
+    """The MLflow run id of ``run_name`` in ``experiment`` (for ``--resume``)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = [] if exp is None else client.search_runs(
+        [exp.experiment_id], filter_string=f"attributes.run_name = '{run_name}'")
+    if len(runs) != 1:
+        raise ConfigError(f"--resume {run_name}: expected one MLflow run of that name in experiment "
+                          f"'{experiment}' at {uri}, found {len(runs)}")
+    return runs[0].info.run_id
+
+
+def load_run_config(uri: str, experiment: str, run_name: str) -> CascadeConfig:
+    """The resolved config a run logged as ``config.yaml`` (what ``--resume`` continues with)."""
+    from mlflow import MlflowClient
+
+    from cascadelab.platform.config import from_dict
+
+    run_id = find_run(uri, experiment, run_name)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = MlflowClient(uri).download_artifacts(run_id, "config.yaml", tmp)
+        return from_dict(yaml.safe_load(Path(path).read_text()))
+
+
+def run_training(cfg: CascadeConfig, resume: str | None = None,
+                 tags: dict[str, str] | None = None) -> TrainResult:
+    """Train ``cfg`` on Ray (the local embedded cluster unless RAY_ADDRESS is set), tracked in MLflow.
+
+    ``resume``: the name of an interrupted run to continue from its last checkpoint (same config,
+    same MLflow run). Without it every run gets a fresh unique name and never resumes an old one.
+    """
+    import ray
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     meta = DatasetMeta.read(cfg.data.path)
@@ -87,19 +132,27 @@ def run_training(cfg: CascadeConfig) -> TrainResult:
     groups = cascade_groups(meta, len(cfg.stages))
     for day in [*train_days, eval_day]:  # fail before any Ray work, naming the file and column
         day_files(cfg.data.path, day, meta.mode, groups)
+    storage = resolve_storage_path(cfg.train.storage_path)
+    uri = resolve_tracking_uri(cfg.tracking.uri)
+    if resume is not None and "://" not in storage and not (Path(storage) / resume).is_dir():
+        raise ConfigError(f"--resume {resume}: no Ray Train run of that name under train.storage_path '{storage}'")
 
     ensure_ray()
+    check_cpu_budget(cfg, ray.cluster_resources().get("CPU", 0.0))
     use_gpu = decide_use_gpu(cfg.train.use_gpu)
-    run_name = unique_run_name(cfg.tracking.run_name or cfg.objective.name)
-    uri = resolve_tracking_uri(cfg.tracking.uri)
+    run_name = resume or unique_run_name(cfg.tracking.run_name or cfg.objective.name)
     cfg.tracking.uri = uri
     cfg.tracking.run_name = run_name
     resolved = cfg.to_dict()
-    run_id = start_run(uri, cfg.tracking.experiment, run_name, flatten(resolved),
-                       tags={"cascadelab.objective": cfg.objective.name,
-                             "cascadelab.stages": "->".join(f"{s.model}@{s.k}" for s in cfg.stages),
-                             "cascadelab.dataset": str(Path(cfg.data.path).resolve())})
-    log_text(uri, run_id, yaml.safe_dump(resolved, sort_keys=False), "config.yaml")
+    if resume is not None:
+        run_id = find_run(uri, cfg.tracking.experiment, resume)
+        reopen_run(uri, run_id)
+    else:
+        run_id = start_run(uri, cfg.tracking.experiment, run_name, flatten(resolved),
+                           tags={"cascadelab.objective": cfg.objective.name,
+                                 "cascadelab.stages": "->".join(f"{s.model}@{s.k}" for s in cfg.stages),
+                                 "cascadelab.dataset": str(Path(cfg.data.path).resolve()), **(tags or {})})
+        log_text(uri, run_id, yaml.safe_dump(resolved, sort_keys=False), "config.yaml")
     log.info("MLflow run %s (%s) in %s", run_name, run_id, uri)
 
     datasets = {f"train-{d}": read_day(cfg.data.path, d, meta, groups, cfg.data.max_rows_per_day)
@@ -107,17 +160,21 @@ def run_training(cfg: CascadeConfig) -> TrainResult:
     datasets["eval"] = read_day(cfg.data.path, eval_day, meta, groups, cfg.data.max_rows_per_day)
     resources = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     threads = max(1, (os.cpu_count() or 1) // cfg.train.num_workers)
+    ordered = ExecutionOptions(preserve_order=True)  # deterministic batches: exact mid-day resume
+    marker = None if "://" in storage else str(Path(storage) / run_name / ".injected_failure")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "config": resolved, "train_days": train_days, "groups": list(groups), "vocab": meta.vocab,
             "tracking_uri": uri, "run_id": run_id, "torch_threads": threads,
-            "rows_per_day": meta.rows_per_day, "progress": sys.stderr.isatty(),
+            "rows_per_day": meta.rows_per_day, "progress": sys.stderr.isatty(), "failure_marker": marker,
         },
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources),
         datasets=datasets,
-        run_config=RunConfig(name=run_name, storage_path=resolve_storage_path(cfg.train.storage_path),
+        dataset_config=DataConfig(execution_options={name: ordered for name in datasets}),
+        run_config=RunConfig(name=run_name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep)),
     )
     t0 = time.perf_counter()
@@ -131,10 +188,37 @@ def run_training(cfg: CascadeConfig) -> TrainResult:
     metrics["wall_time_s"] = wall
     log_metrics(uri, run_id, metrics, step=len(train_days))
     ckpt_path = result.checkpoint.path if result.checkpoint is not None else None
-    if ckpt_path and "://" not in resolve_storage_path(cfg.train.storage_path):
+    if ckpt_path and "://" not in storage:
         log_artifacts(uri, run_id, ckpt_path, "checkpoint")
+    if cfg.train.streaming_eval:
+        log_streaming_plot(uri, run_id, train_days)
     end_run(uri, run_id, "FINISHED")
     return TrainResult(run_id, run_name, uri, metrics, ckpt_path, wall)
+
+
+def log_streaming_plot(uri: str, run_id: str, train_days: list[str]) -> None:
+    """Plot ``stream_joint_recall`` against the evaluated day and attach it to the run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from mlflow import MlflowClient
+
+    history = sorted(MlflowClient(uri).get_metric_history(run_id, "stream_joint_recall"), key=lambda m: m.step)
+    if not history:
+        return
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot([m.step + 1 for m in history], [m.value for m in history], marker="o")
+    ax.set_xlabel("evaluated day index (model trained on all earlier days)")
+    ax.set_ylabel("joint Recall@10@20")
+    ax.set_title("streaming evaluation")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "streaming_joint_recall.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        log_artifacts(uri, run_id, path)
 
 
 def config_summary(cfg: CascadeConfig) -> str:

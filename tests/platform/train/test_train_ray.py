@@ -1,50 +1,124 @@
-"""Integration: a real local Ray cluster, a real SQLite MLflow store, the real training job."""
+"""Integration: a real local Ray cluster, a real SQLite MLflow store, the real training loop.
+
+One clean reference run is shared by the tests of this module (Ray Train start-up dominates the cost).
+"""
+
+from __future__ import annotations
+
+import math
 
 import mlflow
 import pytest
 
-from cascadelab.platform.config import load_config
+from cascadelab.platform.config import ConfigError, load_config
 from cascadelab.platform.data.schema import DataError
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
 
 
-@pytest.mark.timeout(400)
-def test_training_run_is_tracked_in_mlflow(ray_local, tiny_dataset, sqlite_uri, tmp_path):
+def _cfg(dataset, uri, storage, *extra):
+    return load_config(None, [f"data.path={dataset}", f"tracking.uri={uri}", "tracking.experiment=it",
+                              f"train.storage_path={storage}", "data.batch_size=64", "objective.name=dftopk",
+                              *extra])
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, tiny_dataset):
+    root = tmp_path_factory.mktemp("train")
+    return {"data": tiny_dataset, "uri": f"sqlite:///{root / 'mlflow.db'}", "storage": root / "results"}
+
+
+@pytest.fixture(scope="module")
+def clean_run(env, ray_session):
     from cascadelab.platform.train.run import run_training
 
-    cfg = load_config(None, [f"data.path={tiny_dataset}", f"tracking.uri={sqlite_uri}",
-                             "tracking.experiment=it", f"train.storage_path={tmp_path / 'results'}",
-                             "data.batch_size=128", "objective.name=dftopk"])
-    result = run_training(cfg)
-    assert 0.0 <= result.metrics["joint_recall"] <= 1.0
-    assert result.metrics["samples_per_s"] > 0
+    return run_training(_cfg(env["data"], env["uri"], env["storage"]))
 
-    mlflow.set_tracking_uri(sqlite_uri)
-    runs = mlflow.search_runs(experiment_names=["it"])
+
+def test_training_run_is_tracked_in_mlflow(clean_run, env):
+    assert 0.0 <= clean_run.metrics["joint_recall"] <= 1.0
+    assert clean_run.metrics["samples_per_s"] > 0
+    mlflow.set_tracking_uri(env["uri"])
+    runs = mlflow.search_runs(experiment_names=["it"], filter_string=f"attributes.run_id = '{clean_run.run_id}'")
     assert len(runs) == 1
     run = runs.iloc[0]
-    assert run["run_id"] == result.run_id and run["status"] == "FINISHED"
-    assert 0.0 <= run["metrics.joint_recall"] <= 1.0 and run["metrics.samples_per_s"] > 0
+    assert run["status"] == "FINISHED"
+    assert run["metrics.joint_recall"] == pytest.approx(clean_run.metrics["joint_recall"])
+    assert run["metrics.samples_per_s"] > 0
     assert run["params.objective.name"] == "dftopk" and run["params.stages.1.model"] == "din"
-    client = mlflow.MlflowClient(sqlite_uri)
-    history = client.get_metric_history(result.run_id, "train_loss")
+    client = mlflow.MlflowClient(env["uri"])
+    history = client.get_metric_history(clean_run.run_id, "train_loss")
     assert [m.step for m in history] == [0, 1]  # one point per training day
-    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert client.get_metric_history(clean_run.run_id, "dftopk_joint")  # objective components logged
+    artifacts = {a.path for a in client.list_artifacts(clean_run.run_id)}
     assert {"config.yaml", "checkpoint"} <= artifacts
 
-    # A second run with the same config gets its own name and trains from scratch (no silent resume).
-    again = run_training(load_config(None, [f"data.path={tiny_dataset}", f"tracking.uri={sqlite_uri}",
-                                            "tracking.experiment=it", "data.batch_size=128",
-                                            f"train.storage_path={tmp_path / 'results'}"]))
-    assert again.run_name != result.run_name
-    assert len(mlflow.search_runs(experiment_names=["it"])) == 2
 
-
-def test_missing_data_fails_before_any_ray_work(tmp_path, sqlite_uri):
+def test_worker_failure_is_recovered_without_skipping_or_repeating_data(clean_run, env, ray_local):
     from cascadelab.platform.train.run import run_training
 
-    cfg = load_config(None, [f"data.path={tmp_path / 'nothing'}", f"tracking.uri={sqlite_uri}"])
+    faulty = run_training(_cfg(env["data"], env["uri"], env["storage"], "train.fail_at_step=3",
+                               "train.checkpoint_every_steps=1", "train.max_failures=1"))
+    assert faulty.run_name != clean_run.run_name  # every run has its own name: no silent resume
+    assert faulty.metrics["train_rows"] == clean_run.metrics["train_rows"]
+    assert faulty.metrics["global_steps"] == clean_run.metrics["global_steps"]
+    for key in ("joint_recall", "retrieval_recall", "ranking_recall"):
+        assert math.isclose(faulty.metrics[key], clean_run.metrics[key], abs_tol=0.02), key
+    marker = env["storage"] / faulty.run_name / ".injected_failure"
+    assert marker.read_text().startswith("failed once at step 3")
+
+
+def test_interrupted_run_resumes_by_name(env, ray_local):
+    from cascadelab.platform.train.run import load_run_config, run_training
+
+    with pytest.raises(Exception, match="injected failure"):
+        run_training(_cfg(env["data"], env["uri"], env["storage"], "train.fail_at_step=2", "train.max_failures=0",
+                          "tracking.run_name=interrupted"))
+    runs = mlflow.search_runs(experiment_names=["it"], filter_string="attributes.status = 'FAILED'",
+                              output_format="list")
+    name = runs[0].info.run_name
+    cfg = load_run_config(env["uri"], "it", name)
+    resumed = run_training(cfg, resume=name)
+    assert resumed.run_name == name and resumed.run_id == runs[0].info.run_id
+    assert mlflow.get_run(resumed.run_id).info.status == "FINISHED"
+    assert resumed.metrics["global_steps"] > 0
+
+
+def test_two_workers_with_streaming_evaluation(env, ray_local):
+    from cascadelab.platform.train.run import run_training
+
+    result = run_training(_cfg(env["data"], env["uri"], env["storage"], "train.num_workers=2",
+                               "train.cpus_per_worker=0.5", "train.streaming_eval=true"))
+    assert result.metrics["world_size"] == 2.0
+    client = mlflow.MlflowClient(env["uri"])
+    stream = client.get_metric_history(result.run_id, "stream_joint_recall")
+    assert [m.step for m in stream] == [0, 1]  # day 1 scored by the day-0 model, eval day by the final one
+    assert client.get_metric_history(result.run_id, "samples_per_s_worker1")
+    assert "streaming_joint_recall.png" in {a.path for a in client.list_artifacts(result.run_id)}
+
+
+def test_gpu_request_on_cpu_cluster_fails_fast(env, ray_local):
+    import time
+
+    from cascadelab.platform.train.run import run_training
+
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeError, match="train.use_gpu=true but the Ray cluster has no GPU"):
+        run_training(_cfg(env["data"], env["uri"], env["storage"], "train.use_gpu=true"))
+    assert time.perf_counter() - t0 < 30
+
+
+def test_workers_holding_every_cpu_are_refused(env, ray_local):
+    from cascadelab.platform.train.run import run_training
+
+    with pytest.raises(ConfigError, match="leaves no CPU for Ray Data"):
+        run_training(_cfg(env["data"], env["uri"], env["storage"], "train.num_workers=2"))
+
+
+def test_missing_data_fails_before_any_ray_work(tmp_path):
+    from cascadelab.platform.train.run import run_training
+
+    cfg = load_config(None, [f"data.path={tmp_path / 'nothing'}", f"tracking.uri=sqlite:///{tmp_path}/m.db"])
     with pytest.raises(DataError, match="data directory '.*nothing' does not exist"):
         run_training(cfg)
-    assert not (tmp_path / "mlflow.db").exists()  # nothing was written
+    assert not (tmp_path / "m.db").exists()  # nothing was written
