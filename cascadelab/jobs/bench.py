@@ -1,7 +1,8 @@
 """``cascadelab bench <suite>``: benchmarks that write JSON + a PNG plot and log an MLflow run.
 
 Suites: ``operators`` (soft top-K / sort operators, the DFTopK paper's runtime protocol extended to
-batch 1024 and N = 10,000) and ``objectives`` (one training step per cascade objective as N grows).
+batch 1024 and N = 10,000), ``objectives`` (one training step per cascade objective as N grows) and
+``train`` (Ray Data + Ray Train throughput against a bare in-memory loop; 2-worker scaling).
 Ratios inside one JSON are measured side by side in the same process, so they survive a noisy machine.
 """
 
@@ -27,12 +28,14 @@ log = logging.getLogger(__name__)
 def _suites() -> dict[str, tuple[type, Callable[..., dict]]]:
     from cascadelab.platform.bench.objectives import ObjectiveBenchConfig, run_objective_bench
     from cascadelab.platform.bench.operators import OperatorBenchConfig, run_operator_bench
+    from cascadelab.platform.bench.train import TrainBenchConfig, run_train_bench
 
     return {"operators": (OperatorBenchConfig, run_operator_bench),
-            "objectives": (ObjectiveBenchConfig, run_objective_bench)}
+            "objectives": (ObjectiveBenchConfig, run_objective_bench),
+            "train": (TrainBenchConfig, run_train_bench)}
 
 
-SUITES = ("operators", "objectives")
+SUITES = ("operators", "objectives", "train")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

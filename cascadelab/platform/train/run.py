@@ -115,13 +115,21 @@ def load_run_config(uri: str, experiment: str, run_name: str) -> CascadeConfig:
         return from_dict(yaml.safe_load(Path(path).read_text()))
 
 
-def run_training(cfg: CascadeConfig, resume: str | None = None,
-                 tags: dict[str, str] | None = None) -> TrainResult:
+def run_training(cfg: CascadeConfig, resume: str | None = None, tags: dict[str, str] | None = None,
+                 callbacks: list | None = None, run_name: str | None = None) -> TrainResult:
     """Train ``cfg`` on Ray (the local embedded cluster unless RAY_ADDRESS is set), tracked in MLflow.
 
     ``resume``: the name of an interrupted run to continue from its last checkpoint (same config,
     same MLflow run). Without it every run gets a fresh unique name and never resumes an old one.
+    ``tags``: extra MLflow tags (e.g. ``mlflow.parentRunId``). ``callbacks``: Ray Train ``UserCallback``s
+    (e.g. Tune's ``TuneReportCallback`` inside a trial). ``run_name``: an exact name chosen by the caller
+    (a Tune trial uses its trial id, stable across trial restarts): when a run of that name already has
+    a checkpoint under ``train.storage_path`` it is resumed (with its MLflow run), otherwise created.
     """
+    if run_name is not None and resume is None:
+        storage_dir = Path(resolve_storage_path(cfg.train.storage_path)) / run_name
+        if "://" not in str(cfg.train.storage_path) and storage_dir.is_dir():
+            resume = run_name
     import ray
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -140,7 +148,7 @@ def run_training(cfg: CascadeConfig, resume: str | None = None,
     ensure_ray()
     check_cpu_budget(cfg, ray.cluster_resources().get("CPU", 0.0))
     use_gpu = decide_use_gpu(cfg.train.use_gpu)
-    run_name = resume or unique_run_name(cfg.tracking.run_name or cfg.objective.name)
+    run_name = resume or run_name or unique_run_name(cfg.tracking.run_name or cfg.objective.name)
     cfg.tracking.uri = uri
     cfg.tracking.run_name = run_name
     resolved = cfg.to_dict()
@@ -175,6 +183,7 @@ def run_training(cfg: CascadeConfig, resume: str | None = None,
         dataset_config=DataConfig(execution_options={name: ordered for name in datasets}),
         run_config=RunConfig(name=run_name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                             callbacks=list(callbacks or []),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep)),
     )
     t0 = time.perf_counter()

@@ -1,0 +1,130 @@
+"""Platform overhead of training: the full Ray Data + Ray Train path against a bare in-memory loop.
+
+Both sides train the same cascade (same model, objective, batch size, torch threads) on the same rows.
+The bare loop gets every batch pre-collated in memory (the floor: no I/O, no Ray); the Ray path reads
+Parquet through Ray Data into a Ray Train worker. Reported: steady-state samples/s of each (the Ray
+figure excludes each day's pipeline start-up, reported separately as end-to-end throughput), their
+ratio, and the 2-worker scaling efficiency = rate(2 workers) / (2 x rate(1 worker)).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+
+from cascadelab.cascade.batch import CascadeBatch
+from cascadelab.platform.config import load_config
+from cascadelab.platform.data.ingest import arrow_to_tensors, day_files
+from cascadelab.platform.data.schema import DatasetMeta, groups_for
+from cascadelab.platform.data.synthetic import SyntheticConfig, generate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainBenchConfig:
+    requests_per_day: int = 4096
+    days: int = 3  # the last day is the evaluation day
+    batch_size: int = 512
+    objective: str = "dftopk"
+    two_workers: bool = True
+    data: str | None = None  # an existing dataset instead of generating one
+    tracking_uri: str | None = None
+    seed: int = 0
+
+
+def bare_loop_rate(cfg, meta: DatasetMeta, days: list[str], threads: int) -> dict[str, float]:
+    """Samples/s of a single-process loop over pre-collated in-memory batches (first step excluded)."""
+    from cascadelab.platform.train.loop import build_cascade
+
+    groups = groups_for("two_stage")
+    batches = []
+    for day in days:
+        table = pq.read_table(day_files(cfg.data.path, day, meta.mode, groups))
+        for start in range(0, table.num_rows, cfg.data.batch_size):
+            batches.append(CascadeBatch.from_dict(arrow_to_tensors(table.slice(start, cfg.data.batch_size), groups)))
+    torch.set_num_threads(threads)
+    torch.manual_seed(cfg.train.seed)
+    model = build_cascade(cfg, meta.vocab)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    times, rows = [], 0
+    for i, batch in enumerate(batches):
+        t0 = time.perf_counter()
+        _, out = model(batch)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+        if i > 0:  # the first step pays one-off allocation costs
+            times.append(time.perf_counter() - t0)
+            rows += batch.size
+    return {"samples_per_s": rows / sum(times), "step_ms_median": 1000 * statistics.median(times),
+            "steps": float(len(times))}
+
+
+def run_train_bench(cfg: TrainBenchConfig, out_dir: Path) -> dict:
+    from cascadelab.platform.runtime import ensure_ray
+    from cascadelab.platform.train.run import plan_days, run_training
+
+    out_dir = Path(out_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = cfg.data
+        if data is None:
+            data = str(Path(tmp) / "data")
+            generate(SyntheticConfig(days=cfg.days, requests_per_day=cfg.requests_per_day, seed=cfg.seed), data)
+        uri = cfg.tracking_uri or f"sqlite:///{Path(tmp) / 'bench.db'}"
+
+        def config(*extra):
+            return load_config(None, [f"data.path={data}", f"data.batch_size={cfg.batch_size}",
+                                      f"objective.name={cfg.objective}", f"tracking.uri={uri}",
+                                      "tracking.experiment=cascadelab-bench-train",
+                                      f"train.storage_path={Path(tmp) / 'results'}", *extra])
+
+        base = config()
+        meta = DatasetMeta.read(data)
+        train_days, _ = plan_days(meta, base)
+        threads = max(1, os.cpu_count() or 1)
+        bare = bare_loop_rate(base, meta, train_days, threads)
+        ensure_ray()
+        one = run_training(base)
+        result = {
+            "config": asdict(cfg), "threads": threads, "torch": torch.__version__,
+            "bare": bare,
+            "ray_1_worker": {k: one.metrics[k] for k in ("samples_per_s", "train_rows", "wall_time_s")},
+        }
+        result["ray_1_worker"]["end_to_end_samples_per_s"] = one.metrics["train_rows"] / one.metrics["wall_time_s"]
+        ratios = {"overhead_ratio_1_worker": one.metrics["samples_per_s"] / bare["samples_per_s"]}
+        if cfg.two_workers:
+            two = run_training(config("train.num_workers=2", "train.cpus_per_worker=0.5"))
+            result["ray_2_workers"] = {k: two.metrics[k] for k in ("samples_per_s", "train_rows", "wall_time_s")}
+            ratios["scaling_efficiency_2_workers"] = two.metrics["samples_per_s"] / (2 * one.metrics["samples_per_s"])
+        result["ratios"] = ratios
+    (out_dir / "train.json").write_text(json.dumps(result, indent=2))
+    _plot(result, out_dir / "train.png")
+    return result
+
+
+def _plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["bare loop"] + [k.replace("_", " ") for k in ("ray_1_worker", "ray_2_workers") if k in result]
+    values = [result["bare"]["samples_per_s"]] + [result[k]["samples_per_s"]
+                                                  for k in ("ray_1_worker", "ray_2_workers") if k in result]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(names, values, color=["#888", "#1f77b4", "#2ca02c"][: len(values)])
+    ax.set_ylabel("training samples/s (steady state)")
+    ax.set_title(f"platform overhead ratio {result['ratios']['overhead_ratio_1_worker']:.2f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
