@@ -98,11 +98,31 @@ def arrow_to_tensors(table: pa.Table, groups: tuple[str, ...]) -> dict[str, torc
 
 
 class ArrowToTorch(ArrowBatchCollateFn):
-    """Ray Data collate: Arrow batch -> ``dict`` of CPU tensors (Ray moves them to the device)."""
+    """Ray Data collate: Arrow batch -> ``dict`` of CPU tensors (Ray moves them to the device).
 
-    def __init__(self, groups: tuple[str, ...]):
+    ``sample_num > 0`` appends that many in-batch negatives per request (valid candidates of other
+    requests, label 0; see ``cascadelab.cascade.negatives``), drawn with a generator seeded by ``seed``.
+    """
+
+    def __init__(self, groups: tuple[str, ...], sample_num: int = 0, seed: int = 0):
         super().__init__()
         self.groups = tuple(groups)
+        self.sample_num = sample_num
+        self.seed = seed
+        self._generator: torch.Generator | None = None
 
     def __call__(self, batch: pa.Table) -> dict[str, torch.Tensor]:
-        return arrow_to_tensors(batch, self.groups)
+        tensors = arrow_to_tensors(batch, self.groups)
+        if self.sample_num <= 0:
+            return tensors
+        from cascadelab.cascade.batch import CascadeBatch
+        from cascadelab.cascade.negatives import sample_in_batch_negatives
+
+        if self._generator is None:
+            self._generator = torch.Generator().manual_seed(self.seed)
+        grown = sample_in_batch_negatives(CascadeBatch.from_dict(tensors), self.sample_num, self._generator)
+        return {"user": grown.user, "seq": grown.seq, "seq_mask": grown.seq_mask, "items": grown.items,
+                "mask": grown.mask, "label": grown.label}
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_generator": None}  # generators do not pickle; re-seeded per process

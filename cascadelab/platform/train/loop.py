@@ -147,7 +147,9 @@ class _Trainer:
             log.info("rank %d resumed at day %d, batch %d (global step %d)", self.rank, self.state.day,
                      self.state.step_in_day, self.state.global_step)
         self.model = prepare_model(model)
-        self.collate = ArrowToTorch(tuple(loop_config["groups"]))
+        groups = tuple(loop_config["groups"])
+        self.collate = ArrowToTorch(groups, cfg.data.sample_num, seed=cfg.train.seed * 1000 + self.rank)
+        self.eval_collate = ArrowToTorch(groups, cfg.data.eval_sample_num, seed=1024 + self.rank)
         self._pending = {"rows": 0.0, "busy_s": 0.0}  # local progress since the last report
 
     def step(self, batch: CascadeBatch) -> dict[str, torch.Tensor]:
@@ -255,8 +257,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
         if cfg.train.streaming_eval:  # the model trained on days <= d, scored on the next day
             is_last = day_index + 1 == len(days)
             name = "eval" if is_last else f"train-{days[day_index + 1]}"
-            stream = evaluate(t.model, ray.train.get_dataset_shard(name), t.collate, cfg.data.eval_batch_size,
-                              t.device)
+            stream = evaluate(t.model, ray.train.get_dataset_shard(name), t.eval_collate,
+                              cfg.data.eval_batch_size, t.device)
             metrics.update({f"stream_{k}": v for k, v in stream.items()})
             stream_final = stream if is_last else None
         if t.rank == 0:
@@ -266,7 +268,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
                      100 * metrics["data_wait_share"])
         t.report({**metrics, "day": days[day_index]}, checkpoint=True)
 
-    final = stream_final or evaluate(t.model, ray.train.get_dataset_shard("eval"), t.collate,
+    final = stream_final or evaluate(t.model, ray.train.get_dataset_shard("eval"), t.eval_collate,
                                      cfg.data.eval_batch_size, t.device)
     final = {**final, "samples_per_s": t.state.train_rows / max(t.state.train_s, 1e-9),
              "train_rows": t.state.train_rows, "global_steps": float(t.state.global_step),
