@@ -20,9 +20,11 @@ from ray.data.collate_fn import ArrowBatchCollateFn
 
 from cascadelab.platform.data.schema import (
     ITEM_FIELDS,
+    METADATA_FILE,
     SEQ_FIELDS,
     SEQ_LEN,
     SLOTS,
+    TIME_VOCAB,
     USER_FIELDS,
     DataError,
     DatasetMeta,
@@ -97,22 +99,52 @@ def arrow_to_tensors(table: pa.Table, groups: tuple[str, ...]) -> dict[str, torc
     }
 
 
+def _highs(vocab: dict[str, int], fields: tuple[str, ...]) -> torch.Tensor:
+    """Largest valid stored id per field (ids are 1..V, 0 = padding)."""
+    return torch.tensor([TIME_VOCAB.get(f, vocab.get(f, 0)) for f in fields], dtype=torch.int64)
+
+
+def check_tensors(tensors: dict[str, torch.Tensor], vocab: dict[str, int], source: str) -> None:
+    """Stop on ids outside the vocabulary or non-finite labels, naming ``source`` and the field."""
+    for key, fields in (("user", USER_FIELDS), ("items", ITEM_FIELDS), ("seq", SEQ_FIELDS)):
+        x = tensors[key].reshape(-1, len(fields))
+        if x.numel() == 0:
+            continue
+        hi, lo = x.max(0).values, x.min(0).values
+        bad = (hi > _highs(vocab, fields)) | (lo < 0)
+        if bad.any():
+            i = int(bad.nonzero()[0, 0])
+            value = int(hi[i]) if hi[i] > _highs(vocab, fields)[i] else int(lo[i])
+            raise DataError(f"{source}: field '{fields[i]}' has id {value} outside the vocabulary "
+                            f"(expected 0..{int(_highs(vocab, fields)[i])}; see 'vocab' in {METADATA_FILE})")
+    if not torch.isfinite(tensors["label"]).all():
+        raise DataError(f"{source}: field '<group>_label' holds NaN or inf (expected finite graded labels)")
+
+
 class ArrowToTorch(ArrowBatchCollateFn):
     """Ray Data collate: Arrow batch -> ``dict`` of CPU tensors (Ray moves them to the device).
+
+    With ``vocab`` every batch is checked (ids within the vocabulary, finite labels); an error names
+    ``source`` (the day's directory) and the field.
 
     ``sample_num > 0`` appends that many in-batch negatives per request (valid candidates of other
     requests, label 0; see ``cascadelab.cascade.negatives``), drawn with a generator seeded by ``seed``.
     """
 
-    def __init__(self, groups: tuple[str, ...], sample_num: int = 0, seed: int = 0):
+    def __init__(self, groups: tuple[str, ...], sample_num: int = 0, seed: int = 0,
+                 vocab: dict[str, int] | None = None, source: str = "data"):
         super().__init__()
         self.groups = tuple(groups)
         self.sample_num = sample_num
         self.seed = seed
+        self.vocab = vocab
+        self.source = source
         self._generator: torch.Generator | None = None
 
     def __call__(self, batch: pa.Table) -> dict[str, torch.Tensor]:
         tensors = arrow_to_tensors(batch, self.groups)
+        if self.vocab is not None:
+            check_tensors(tensors, self.vocab, self.source)
         if self.sample_num <= 0:
             return tensors
         from cascadelab.cascade.batch import CascadeBatch

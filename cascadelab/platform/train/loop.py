@@ -147,9 +147,18 @@ class _Trainer:
             log.info("rank %d resumed at day %d, batch %d (global step %d)", self.rank, self.state.day,
                      self.state.step_in_day, self.state.global_step)
         self.model = prepare_model(model)
-        groups = tuple(loop_config["groups"])
-        self.collate = ArrowToTorch(groups, cfg.data.sample_num, seed=cfg.train.seed * 1000 + self.rank)
-        self.eval_collate = ArrowToTorch(groups, cfg.data.eval_sample_num, seed=1024 + self.rank)
+        self.groups = tuple(loop_config["groups"])
+        self.eval_collate = self.collate_for(loop_config.get("eval_day", "eval"), evaluation=True)
+
+    def collate_for(self, day: str, evaluation: bool = False) -> ArrowToTorch:
+        """The collate of one day's data: id/label checks naming the day, in-batch negatives."""
+        data = self.cfg.data
+        source = f"day '{day}' ({Path(data.path) / f'day={day}'})"
+        if evaluation:
+            return ArrowToTorch(self.groups, data.eval_sample_num, seed=1024 + self.rank,
+                                vocab=self.lc["vocab"], source=source)
+        return ArrowToTorch(self.groups, data.sample_num, seed=self.cfg.train.seed * 1000 + self.rank,
+                            vocab=self.lc["vocab"], source=source)
         self._pending = {"rows": 0.0, "busy_s": 0.0}  # local progress since the last report
 
     def step(self, batch: CascadeBatch) -> dict[str, torch.Tensor]:
@@ -192,7 +201,7 @@ class _Trainer:
         sums: dict[str, torch.Tensor] = {}
         t_seg = t_wait = time.perf_counter()  # start of the current timed segment
         for i, tensors in enumerate(shard.iter_torch_batches(
-                batch_size=cfg.data.batch_size, collate_fn=self.collate, device=self.device,
+                batch_size=cfg.data.batch_size, collate_fn=self.collate_for(day), device=self.device,
                 local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
                 local_shuffle_seed=cfg.train.seed + day_index)):
             if i < skip:  # trained before a failure; the checkpoint already holds its update
@@ -257,7 +266,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
         if cfg.train.streaming_eval:  # the model trained on days <= d, scored on the next day
             is_last = day_index + 1 == len(days)
             name = "eval" if is_last else f"train-{days[day_index + 1]}"
-            stream = evaluate(t.model, ray.train.get_dataset_shard(name), t.eval_collate,
+            collate = t.eval_collate if is_last else t.collate_for(days[day_index + 1], evaluation=True)
+            stream = evaluate(t.model, ray.train.get_dataset_shard(name), collate,
                               cfg.data.eval_batch_size, t.device)
             metrics.update({f"stream_{k}": v for k, v in stream.items()})
             stream_final = stream if is_last else None

@@ -176,6 +176,7 @@ def run_training(cfg: CascadeConfig, resume: str | None = None, tags: dict[str, 
             "config": resolved, "train_days": train_days, "groups": list(groups), "vocab": meta.vocab,
             "tracking_uri": uri, "run_id": run_id, "torch_threads": threads,
             "rows_per_day": meta.rows_per_day, "progress": sys.stderr.isatty(), "failure_marker": marker,
+            "eval_day": eval_day,
         },
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources),
@@ -189,8 +190,11 @@ def run_training(cfg: CascadeConfig, resume: str | None = None, tags: dict[str, 
     t0 = time.perf_counter()
     try:
         result = trainer.fit()
-    except BaseException:
+    except BaseException as exc:
         end_run(uri, run_id, "FAILED")
+        message = worker_data_error(exc)
+        if message:  # bad data found by a worker: one line for the user, not a remote traceback
+            raise DataError(message) from None
         raise
     wall = time.perf_counter() - t0
     metrics = dict(result.return_value or {})
@@ -203,6 +207,25 @@ def run_training(cfg: CascadeConfig, resume: str | None = None, tags: dict[str, 
         log_streaming_plot(uri, run_id, train_days)
     end_run(uri, run_id, "FINISHED")
     return TrainResult(run_id, run_name, uri, metrics, ckpt_path, wall)
+
+
+def worker_data_error(exc: BaseException) -> str | None:
+    """The message of a DataError raised inside a Ray worker, found in a wrapped training failure."""
+    seen = set()
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, DataError):
+            return str(e)
+        for line in str(e).splitlines():
+            if "DataError: " in line:
+                return line.split("DataError: ", 1)[1].strip()
+        stack += [x for x in (e.__cause__, e.__context__) if x is not None]
+        stack += [x for x in getattr(e, "worker_failures", {}).values() if isinstance(x, BaseException)]
+    return None
 
 
 def log_streaming_plot(uri: str, run_id: str, train_days: list[str]) -> None:
