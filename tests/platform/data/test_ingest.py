@@ -30,7 +30,7 @@ def test_collate_appends_in_batch_negatives(table_and_meta):
 def test_ids_outside_vocabulary_are_named(table_and_meta):
     table, meta = table_and_meta
     small = {**meta.vocab, "author_id": 3}
-    with pytest.raises(DataError, match=r"day 'D': field 'author_id' has id \d+ outside the vocabulary \(expected 0..3"):
+    with pytest.raises(DataError, match=r"field 'author_id' has id \d+ outside the vocabulary \(expected 0..3"):
         ArrowToTorch(GROUPS_TWO_STAGE, vocab=small, source="day 'D'")(table.slice(0, 8))
 
 
