@@ -1,0 +1,591 @@
+"""Convert the public RecFlow release into the project's day-partitioned Parquet schema (see schema.py).
+
+Input (the release layout, under ``<src>/`` or ``<src>/data/``)::
+
+    all_stage/<day>.feather              one row per (request, candidate) of every funnel stage
+    seq_effective_50_dict/<day>.pkl      {request_id: int array [50, 10]}, front-padded behaviours
+    request_id_dict/<day>.pkl            {request_id: {stage: int array [n, 8]}}
+    others/id_cnt.pkl                    {field: number of ids}
+
+Output: one row per request of the day (the de-duplicated request rows of all_stage). Per request:
+
+* request fields shifted +1 (0 = padding) and the request time features in Asia/Shanghai;
+* the sequence: columns SEQ_FIELDS of the behaviour array, a row is real iff its request_ts column > 0;
+  real rows are shifted +1 (category_level_one too), padded rows are all 0;
+* each candidate group: the first SLOTS rows of ``request_id_dict[rid][group]`` mapped to ITEM_FIELDS;
+  the positive groups are graded ``30 - rank_index`` (``rerank_index`` for rerank_pos), looked up by
+  (request_id, video_id) among the all_stage rows flagged rank_pos == 1 (rerank_pos == 1); a candidate
+  that the lookup misses is dropped from its slot (mask 0, zero features) and counted; the negative
+  groups get constant grades; padded slots have mask 0, label 0 and zero features.
+
+Memory: one day at a time. all_stage is streamed record batch by record batch (only the needed columns
+are read); the behaviour dict is turned into the sequence columns and freed before the candidate dict
+is loaded; both are walked in chunks of requests into fixed-size numpy buffers. The pickles themselves
+must be loaded whole (that is the release format). Each day is written atomically by
+``synthetic.write_day`` and ``dataset.json`` is rewritten after every finished day.
+
+The pickles are unpickled: only convert a release from a source you trust.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import gc
+import logging
+import pickle
+import re
+import resource
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.feather as feather
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from cascadelab.platform.data.schema import (
+    ID_VOCAB_FIELDS,
+    ITEM_FIELDS,
+    METADATA_FILE,
+    SEQ_FIELDS,
+    SEQ_LEN,
+    SLOTS,
+    DataError,
+    DatasetMeta,
+    arrow_schema,
+    check_table_schema,
+    day_dir,
+    groups_for,
+    stored_groups,
+)
+from cascadelab.platform.data.synthetic import write_day
+from cascadelab.platform.data.timefeat import local_time_features
+
+log = logging.getLogger(__name__)
+
+SOURCE = "recflow"
+CHUNK = 8192  # requests per numpy buffer
+SLICE = 1 << 16  # all_stage rows handled at once (a release file may hold one huge record batch)
+ROWS_PER_FILE = 32768
+MAX_GRADE = 30.0  # positive label = MAX_GRADE - (re)rank_index
+NEG_GRADES = {"rerank_neg": 8.0, "rank_neg": 7.0, "coarse_neg": 6.0, "prerank_neg": 5.0}
+POS_INDEX = {"rank_pos": "rank_index", "rerank_pos": "rerank_index"}  # positive group -> index column
+
+# all_stage columns (by name)
+REQUEST_COLUMNS = ("request_id", "user_id", "request_timestamp", "device_id", "age", "gender", "province")
+USER_COLUMNS = ("user_id", "device_id", "age", "gender", "province")
+# request_id_dict arrays: 0 video_id, 1 author_id, 2 duration, 3 category_level_two, 4 upload_type,
+# 5 upload_timestamp (s), 6 category_level_one, 7 effective_view
+CAND_WIDTH = 8
+CAND_ID_COLS = [0, 1, 3, 6, 4]  # -> SEQ_FIELDS order (the first five ITEM_FIELDS)
+CAND_UPLOAD_TS = 5
+# seq_effective_50_dict arrays: 0 video_id, 1 author_id, 2 category_level_two, 3 category_level_one,
+# 4 upload_type, 5 upload_timestamp, 6 duration, 7 request_timestamp (ms), 8 playing_time, 9 request_id
+SEQ_WIDTH = 8  # columns read (0..7)
+SEQ_ID_COLS = [0, 1, 2, 3, 4]
+SEQ_TS = 7
+
+_DAY_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+# ---------------------------------------------------------------------------------------------- layout
+
+
+@dataclass(frozen=True)
+class RecFlowLayout:
+    root: Path  # the directory holding all_stage/, request_id_dict/, ...
+
+    def all_stage(self, day: str) -> Path:
+        return self.root / "all_stage" / f"{day}.feather"
+
+    def seq(self, day: str) -> Path:
+        return self.root / "seq_effective_50_dict" / f"{day}.pkl"
+
+    def requests(self, day: str) -> Path:
+        return self.root / "request_id_dict" / f"{day}.pkl"
+
+    @property
+    def id_cnt(self) -> Path:
+        return self.root / "others" / "id_cnt.pkl"
+
+    def available_days(self) -> list[str]:
+        return sorted(p.stem for p in (self.root / "all_stage").glob("*.feather") if _DAY_RE.match(p.stem))
+
+
+def find_layout(src: str | Path) -> RecFlowLayout:
+    """The release root: ``<src>`` itself or ``<src>/data`` (the reference loaders' layout)."""
+    src = Path(src)
+    if not src.is_dir():
+        raise DataError(f"RecFlow source '{src}' does not exist (expected the release directory with "
+                        f"all_stage/, or its parent with data/all_stage/)")
+    for cand in (src, src / "data"):
+        if (cand / "all_stage").is_dir():
+            return RecFlowLayout(cand)
+    raise DataError(f"RecFlow source '{src}': no all_stage/ directory in '{src}' or '{src / 'data'}' "
+                    f"(expected the release layout all_stage/<day>.feather, request_id_dict/<day>.pkl, ...)")
+
+
+def check_day(day: str, what: str = "day") -> str:
+    try:
+        ok = bool(_DAY_RE.match(day)) and dt.date.fromisoformat(day).isoformat() == day
+    except ValueError:
+        ok = False
+    if not ok:
+        raise DataError(f"{what} '{day}': expected a date YYYY-MM-DD")
+    return day
+
+
+def select_days(layout: RecFlowLayout, days: list[str] | None = None, start: str | None = None,
+                end: str | None = None) -> list[str]:
+    """Explicit ``days``, or every calendar day from ``start`` to ``end`` (inclusive; an open bound is the
+    first / last day present in all_stage/), or every day present in all_stage/."""
+    if days is not None and (start or end):
+        raise DataError("--days: give either --days or --start-day/--end-day, not both")
+    if days is not None:
+        days = [check_day(d.strip(), "--days") for d in days if d.strip()]
+        if not days:
+            raise DataError("--days: expected at least one day YYYY-MM-DD")
+        return sorted(set(days))
+    available = layout.available_days()
+    if not (start or end):
+        if not available:
+            raise DataError(f"'{layout.root / 'all_stage'}': no <YYYY-MM-DD>.feather files")
+        return available
+    start = check_day(start, "--start-day") if start else (available[0] if available else None)
+    end = check_day(end, "--end-day") if end else (available[-1] if available else None)
+    if start is None or end is None:
+        raise DataError(f"'{layout.root / 'all_stage'}': no <YYYY-MM-DD>.feather files")
+    d0, d1 = dt.date.fromisoformat(start), dt.date.fromisoformat(end)
+    if d1 < d0:
+        raise DataError(f"--end-day '{end}' is before --start-day '{start}'")
+    return [(d0 + dt.timedelta(days=i)).isoformat() for i in range((d1 - d0).days + 1)]
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+def _load_pickle(path: Path, what: str):
+    if not path.is_file():
+        raise DataError(f"'{path}' is missing: expected {what}")
+    try:
+        with open(path, "rb") as f:
+            obj = pickle.load(f)
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError,
+            IndexError, KeyError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"'{path}': not a readable pickle ({msg}); expected {what}") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"'{path}': holds a {type(obj).__name__}, expected {what}")
+    return obj
+
+
+def load_id_cnt(layout: RecFlowLayout) -> dict[str, int]:
+    """``others/id_cnt.pkl`` with normalised keys (stripped; ``photo_id`` -> ``video_id``)."""
+    raw = _load_pickle(layout.id_cnt, "a dict {field: number of ids}")
+    out: dict[str, int] = {}
+    for key, value in raw.items():
+        name = str(key).strip()
+        name = "video_id" if name == "photo_id" else name
+        try:
+            out[name] = max(out.get(name, 0), int(value))
+        except (TypeError, ValueError):
+            raise DataError(f"'{layout.id_cnt}': field '{key}' has value {value!r}, expected an integer") \
+                from None
+    return out
+
+
+def _required_columns(mode: str) -> tuple[str, ...]:
+    cols = REQUEST_COLUMNS + ("video_id",)
+    for g in stored_groups(mode):
+        if g in POS_INDEX:
+            cols += (g, POS_INDEX[g])
+    return cols
+
+
+def _check_feather(path: Path, columns: tuple[str, ...]) -> bool:
+    """Check that the Feather file exists and has ``columns`` with numeric types; returns whether it is a
+    legacy Feather v1 file (read whole) rather than Feather v2 / Arrow IPC (read batch by batch)."""
+    if not path.is_file():
+        raise DataError(f"'{path}' is missing: expected the day's all_stage Feather file")
+    try:
+        schema, legacy = ipc.open_file(pa.memory_map(str(path))).schema, False
+    except (pa.ArrowInvalid, OSError):
+        try:
+            schema, legacy = feather.read_table(str(path), columns=[]).schema, True
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise DataError(f"'{path}': not a readable Feather file ({str(exc).splitlines()[0]})") from None
+    for c in columns:
+        idx = schema.get_field_index(c)
+        if idx < 0:
+            raise DataError(f"'{path}': missing column '{c}' (expected the all_stage columns {list(columns)})")
+        t = schema.field(idx).type
+        if not (pa.types.is_integer(t) or pa.types.is_floating(t)):
+            raise DataError(f"'{path}': column '{c}' has type {t}, expected an integer type")
+    return legacy
+
+
+def _feather_slices(path: Path, columns: tuple[str, ...]) -> Iterator[pa.RecordBatch]:
+    """The file's ``columns``, at most SLICE rows at a time; an IPC file is read one record batch at a time."""
+    if _check_feather(path, columns):
+        batches: Iterable = feather.read_table(str(path), columns=list(columns)).to_batches()
+    else:
+        source = pa.memory_map(str(path))
+        schema = ipc.open_file(source).schema
+        opts = ipc.IpcReadOptions(included_fields=[schema.get_field_index(c) for c in columns])
+        reader = ipc.open_file(source, options=opts)
+        batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+    for batch in batches:
+        for off in range(0, batch.num_rows, SLICE):
+            yield batch.slice(off, SLICE)
+
+
+def _ints(batch: pa.RecordBatch, name: str, path: Path) -> np.ndarray:
+    col = batch.column(name)
+    if col.null_count:
+        raise DataError(f"'{path}': column '{name}' has {col.null_count} null values, expected integers")
+    return col.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+
+
+@dataclass
+class _Lookup:
+    """(request position, video_id) -> (re)rank_index of one positive group, as one int64 key index."""
+
+    keys: pd.Index
+    index: np.ndarray
+    width: int  # key = position * width + video_id
+
+    def find(self, pos: np.ndarray, vid: np.ndarray) -> np.ndarray:
+        """(re)rank_index of each query, NaN where the lookup misses."""
+        key = np.where((vid >= 0) & (vid < self.width), pos * self.width + vid, -1)
+        hit = self.keys.get_indexer(key)
+        out = np.full(key.shape, np.nan)
+        out[hit >= 0] = self.index[hit[hit >= 0]]
+        return out
+
+
+def read_all_stage(path: Path, mode: str) -> tuple[pd.DataFrame, dict[str, _Lookup], int]:
+    """(unique request rows in order of first appearance, positive-group lookups, conflicting request rows
+    dropped): streams the Feather file one record batch at a time."""
+    columns = _required_columns(mode)
+    pos_groups = [g for g in stored_groups(mode) if g in POS_INDEX]
+    req_parts: list[pd.DataFrame] = []
+    pos_parts: dict[str, list[tuple[np.ndarray, ...]]] = {g: [] for g in pos_groups}
+    for b in _feather_slices(path, columns):
+        req_parts.append(pd.DataFrame({c: _ints(b, c, path) for c in REQUEST_COLUMNS}).drop_duplicates())
+        rid = _ints(b, "request_id", path)
+        vid = _ints(b, "video_id", path)
+        for g in pos_groups:
+            flag = _ints(b, g, path) == 1
+            if flag.any():
+                idx = b.column(POS_INDEX[g]).to_numpy(zero_copy_only=False)[flag].astype(np.float64)
+                pos_parts[g].append((rid[flag], vid[flag], idx))
+    if req_parts:
+        reqs = pd.concat(req_parts, ignore_index=True).drop_duplicates()
+    else:
+        reqs = pd.DataFrame({c: np.zeros(0, np.int64) for c in REQUEST_COLUMNS})
+    del req_parts
+    dup = reqs["request_id"].duplicated().to_numpy()
+    conflicts = int(dup.sum())
+    if conflicts:
+        log.warning("'%s': %d request rows disagree with an earlier row of the same request_id; kept the "
+                    "first", path, conflicts)
+    reqs = reqs[~dup].reset_index(drop=True)
+    positions = pd.Index(reqs["request_id"].to_numpy())
+    lookups = {}
+    for g in pos_groups:
+        parts = pos_parts.pop(g)
+        rid, vid, idx = (np.concatenate([p[i] for p in parts]) if parts else np.zeros(0) for i in range(3))
+        rid, vid = rid.astype(np.int64), vid.astype(np.int64)
+        pos = positions.get_indexer(rid)
+        keep = (pos >= 0) & ~np.isnan(idx) & (vid >= 0)
+        pos, vid, idx = pos[keep], vid[keep], idx[keep]
+        width = int(vid.max()) + 1 if vid.size else 1
+        if len(reqs) * width >= 2**62:
+            raise DataError(f"'{path}': column 'video_id' has ids up to {width - 1}, too large to index")
+        keys = pd.Index(pos.astype(np.int64) * width + vid)
+        first = ~keys.duplicated()  # a (request, video) pair listed twice: keep its first index
+        lookups[g] = _Lookup(keys[first], idx[first], width)
+    return reqs, lookups, conflicts
+
+
+# ---------------------------------------------------------------------------------------------- conversion
+
+
+class _IdStats:
+    """Largest raw id seen per vocabulary field; a negative id is an error (0 is padding after the shift)."""
+
+    def __init__(self) -> None:
+        self.max: dict[str, int] = {}
+
+    def update(self, name: str, values: np.ndarray, path: Path) -> None:
+        if values.size == 0:
+            return
+        lo, hi = int(values.min()), int(values.max())
+        if lo < 0:
+            raise DataError(f"'{path}': field '{name}' has id {lo}, expected ids >= 0")
+        self.max[name] = max(self.max.get(name, -1), hi)
+
+
+def _fsl(values: np.ndarray, schema: pa.Schema, name: str) -> pa.FixedSizeListArray:
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), type=schema.field(name).type)
+
+
+def _sequence_columns(seq_dict: dict, rids: list, path: Path, schema: pa.Schema, ids: _IdStats,
+                      chunk: int) -> tuple[list, list]:
+    items_out, mask_out = [], []
+    for start in range(0, len(rids), chunk):
+        part = rids[start:start + chunk]
+        raw = np.zeros((len(part), SEQ_LEN, SEQ_WIDTH), np.int64)
+        rid = None
+        try:
+            for j, rid in enumerate(part):
+                s = seq_dict[rid]
+                if s.ndim != 2 or s.shape[0] != SEQ_LEN or s.shape[1] < SEQ_WIDTH:
+                    raise ValueError
+                raw[j] = s[:, :SEQ_WIDTH]
+        except KeyError:
+            raise DataError(f"'{path}': request_id {rid} of the day's all_stage is not a key (expected "
+                            f"every request of the day)") from None
+        except (AttributeError, TypeError, ValueError, IndexError):
+            raise DataError(f"'{path}': request_id {rid}: expected an integer array of shape "
+                            f"[{SEQ_LEN}, >= {SEQ_WIDTH}]") from None
+        mask = raw[:, :, SEQ_TS] > 0
+        feats = raw[:, :, SEQ_ID_COLS]
+        for k, name in enumerate(SEQ_FIELDS):
+            ids.update(name, feats[:, :, k][mask], path)
+        feats = (feats + 1) * mask[:, :, None]
+        items_out.append(_fsl(feats, schema, "seq_items"))
+        mask_out.append(_fsl(mask.astype(np.int8), schema, "seq_mask"))
+    return items_out, mask_out
+
+
+def _group_arrays(g: str, raw: np.ndarray, count: np.ndarray, base: int, lookups: dict[str, _Lookup],
+                  path: Path, ids: _IdStats) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Raw ``[c, SLOTS, 8]`` candidates -> (items ``[c, SLOTS, 8]``, mask, label, lookup misses)."""
+    c = raw.shape[0]
+    mask = np.arange(SLOTS)[None, :] < count[:, None]
+    ids_raw = raw[:, :, CAND_ID_COLS]
+    for k, name in enumerate(SEQ_FIELDS):
+        ids.update(name, ids_raw[:, :, k][mask], path)
+    items = np.empty((c, SLOTS, len(ITEM_FIELDS)), np.int64)
+    items[:, :, :len(SEQ_FIELDS)] = ids_raw + 1
+    wd, hr, mi = local_time_features(raw[:, :, CAND_UPLOAD_TS].reshape(-1) * 1000)
+    for k, v in enumerate((wd, hr, mi)):
+        items[:, :, len(SEQ_FIELDS) + k] = v.reshape(c, SLOTS) + 1
+    label = np.zeros((c, SLOTS), np.float32)
+    misses = 0
+    if g in POS_INDEX:
+        pos = np.broadcast_to(base + np.arange(c)[:, None], (c, SLOTS))
+        index = lookups[g].find(pos[mask], raw[:, :, 0][mask])
+        found = ~np.isnan(index)
+        misses = int((~found).sum())
+        sel = np.zeros_like(mask)
+        sel[mask] = found
+        label[sel] = MAX_GRADE - index[found]
+        mask = sel
+    else:
+        label[mask] = NEG_GRADES[g]
+    items *= mask[:, :, None]
+    return items, mask.astype(np.int8), label, misses
+
+
+def _candidate_columns(req_dict: dict, rids: list, path: Path, schema: pa.Schema, groups: tuple[str, ...],
+                       lookups: dict[str, _Lookup], ids: _IdStats, chunk: int) -> tuple[dict, dict]:
+    cols: dict[str, list] = {f"{g}_{k}": [] for g in groups for k in ("items", "mask", "label")}
+    misses = {g: 0 for g in groups if g in POS_INDEX}
+    for start in range(0, len(rids), chunk):
+        part = rids[start:start + chunk]
+        raws = [np.zeros((len(part), SLOTS, CAND_WIDTH), np.int64) for _ in groups]
+        counts = [np.zeros(len(part), np.int64) for _ in groups]
+        spec = list(zip(groups, raws, counts, strict=True))
+        rid = g = None
+        try:
+            for j, rid in enumerate(part):
+                stages = req_dict[rid]
+                for g, raw, cnt in spec:
+                    a = stages.get(g)
+                    if a is None:
+                        continue
+                    a = a[:SLOTS]
+                    k = len(a)
+                    if k:
+                        if a.ndim != 2 or a.shape[1] < CAND_WIDTH:
+                            raise ValueError
+                        raw[j, :k] = a[:, :CAND_WIDTH]
+                        cnt[j] = k
+        except KeyError:
+            raise DataError(f"'{path}': request_id {rid} of the day's all_stage is not a key (expected "
+                            f"every request of the day)") from None
+        except (AttributeError, TypeError, ValueError, IndexError):
+            where = f"request_id {rid} stage '{g}'" if g else f"request_id {rid}"
+            raise DataError(f"'{path}': {where}: expected a dict of integer arrays of shape "
+                            f"[n, >= {CAND_WIDTH}]") from None
+        for g, raw, cnt in spec:
+            items, mask, label, miss = _group_arrays(g, raw, cnt, start, lookups, path, ids)
+            if g in misses:
+                misses[g] += miss
+            cols[f"{g}_items"].append(_fsl(items, schema, f"{g}_items"))
+            cols[f"{g}_mask"].append(_fsl(mask, schema, f"{g}_mask"))
+            cols[f"{g}_label"].append(_fsl(label, schema, f"{g}_label"))
+        del raws, counts, spec
+    return cols, misses
+
+
+@dataclass
+class DayResult:
+    table: pa.Table
+    misses: dict[str, int]
+    conflicts: int
+    max_ids: dict[str, int]
+
+
+def convert_day(layout: RecFlowLayout, day: str, mode: str, chunk: int = CHUNK) -> DayResult:
+    """One day of the release as an Arrow table in ``arrow_schema(mode)``; loads one pickle at a time."""
+    schema = arrow_schema(mode)
+    groups = stored_groups(mode)
+    ids = _IdStats()
+    fpath = layout.all_stage(day)
+    reqs, lookups, conflicts = read_all_stage(fpath, mode)
+    rids = reqs["request_id"].tolist()
+
+    seq_path = layout.seq(day)
+    seq_dict = _load_pickle(seq_path, "a dict {request_id: int array [50, 10]}")
+    seq_items, seq_mask = _sequence_columns(seq_dict, rids, seq_path, schema, ids, chunk)
+    del seq_dict
+    gc.collect()
+
+    req_path = layout.requests(day)
+    req_dict = _load_pickle(req_path, "a dict {request_id: {stage: int array [n, 8]}}")
+    cand, misses = _candidate_columns(req_dict, rids, req_path, schema, groups, lookups, ids, chunk)
+    del req_dict, lookups
+    gc.collect()
+
+    cols: dict[str, pa.Array | pa.ChunkedArray] = {"request_id": pa.array(reqs["request_id"].to_numpy())}
+    for name in USER_COLUMNS:
+        v = reqs[name].to_numpy()
+        ids.update(name, v, fpath)
+        cols[name] = pa.array(v + 1)
+    ts = reqs["request_timestamp"].to_numpy()
+    wd, hr, mi = local_time_features(ts)
+    cols.update(request_ts=pa.array(ts), req_weekday=pa.array(wd + 1), req_hour=pa.array(hr + 1),
+                req_minute=pa.array(mi + 1))
+    for name, parts in (("seq_items", seq_items), ("seq_mask", seq_mask), *cand.items()):
+        cols[name] = pa.chunked_array(parts, type=schema.field(name).type)
+    table = pa.Table.from_pydict({f.name: cols[f.name] for f in schema}, schema=schema)
+    return DayResult(table, misses, conflicts, dict(ids.max))
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far, MiB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _complete_rows(out: Path, day: str, mode: str, meta: DatasetMeta | None) -> int | None:
+    """Rows of an already converted day, or None when it must be (re)converted: the day is complete when
+    ``dataset.json`` lists it and its directory holds Parquet files of the full schema with that many rows."""
+    if meta is None or day not in meta.rows_per_day:
+        return None
+    files = sorted(day_dir(out, day).glob("*.parquet"))
+    if not files:
+        return None
+    rows = 0
+    try:
+        for f in files:
+            pf = pq.ParquetFile(f)
+            check_table_schema(pf.schema_arrow, arrow_schema(mode), f)
+            rows += pf.metadata.num_rows
+    except (DataError, pa.ArrowInvalid, OSError) as exc:
+        log.warning("day %s in '%s' is incomplete (%s); converting it again", day, out, exc)
+        return None
+    return rows if rows == meta.rows_per_day[day] else None
+
+
+def _existing_meta(out: Path, mode: str) -> DatasetMeta | None:
+    if not (out / METADATA_FILE).is_file():
+        return None
+    meta = DatasetMeta.read(out)
+    if meta.source != SOURCE:
+        raise DataError(f"'{out / METADATA_FILE}': source '{meta.source}', expected '{SOURCE}'; "
+                        f"choose another --out")
+    if meta.mode != mode:
+        raise DataError(f"'{out / METADATA_FILE}': mode '{meta.mode}', expected '{mode}'; "
+                        f"choose another --out")
+    return meta
+
+
+def _vocab(id_cnt: dict[str, int], max_ids: dict[str, int], prev: dict[str, int]) -> dict[str, int]:
+    return {f: max(id_cnt.get(f, 0), max_ids.get(f, -1) + 1, prev.get(f, 0)) for f in ID_VOCAB_FIELDS}
+
+
+def convert_recflow(src: str | Path, out: str | Path, days: list[str] | None = None, mode: str = "two_stage",
+                    force: bool = False, rows_per_file: int = ROWS_PER_FILE, chunk: int = CHUNK) -> DatasetMeta:
+    """Convert ``days`` (default: every day in all_stage/) of the RecFlow release under ``src`` into the
+    project's Parquet dataset at ``out``; returns its metadata. Days already converted are skipped unless
+    ``force``. A failing day raises DataError and leaves ``out`` as it was after the previous day."""
+    groups_for(mode)  # validates the mode
+    layout = find_layout(src)
+    days = select_days(layout, days)
+    id_cnt = load_id_cnt(layout)
+    missing = [f for f in ID_VOCAB_FIELDS if f not in id_cnt]
+    if missing:
+        log.warning("'%s' has no count for %s; their vocabulary comes from the ids seen", layout.id_cnt, missing)
+    columns = _required_columns(mode)
+    for day in days:  # fail before converting anything when a file is absent or lacks a column
+        _check_feather(layout.all_stage(day), columns)
+        for p, what in ((layout.seq(day), "the day's seq_effective_50_dict pickle"),
+                        (layout.requests(day), "the day's request_id_dict pickle")):
+            if not p.is_file():
+                raise DataError(f"'{p}' is missing: expected {what}")
+
+    root = Path(out)
+    if root.exists() and not root.is_dir():
+        raise DataError(f"output '{root}' exists and is not a directory")
+    prev = _existing_meta(root, mode) if root.is_dir() else None
+    root.mkdir(parents=True, exist_ok=True)
+    meta = prev or DatasetMeta(mode=mode, source=SOURCE)
+    extra = meta.extra
+    extra.update(src=str(layout.root), id_cnt=id_cnt)
+    extra.setdefault("lookup_misses", {})
+    extra.setdefault("duplicate_request_rows", {})
+    meta.vocab = _vocab(id_cnt, {}, meta.vocab)
+
+    t_all = time.perf_counter()
+    for day in tqdm(days, desc="convert recflow", unit="day", leave=False):
+        if not force:
+            rows = _complete_rows(root, day, mode, prev)
+            if rows is not None:
+                log.info("day %s already converted (%d requests) in '%s'; skipped (pass --force to rewrite)",
+                         day, rows, day_dir(root, day))
+                continue
+        t0 = time.perf_counter()
+        res = convert_day(layout, day, mode, chunk)
+        write_day(res.table, root, day, rows_per_file)
+        n = res.table.num_rows
+        del res.table
+        meta.days = sorted(set(meta.days) | {day})
+        meta.rows_per_day = dict(sorted({**meta.rows_per_day, day: n}.items()))
+        meta.vocab = _vocab(id_cnt, res.max_ids, meta.vocab)
+        extra["lookup_misses"][day] = res.misses
+        extra["duplicate_request_rows"][day] = res.conflicts
+        extra["lookup_misses_total"] = {
+            g: sum(m.get(g, 0) for m in extra["lookup_misses"].values())
+            for g in stored_groups(mode) if g in POS_INDEX}
+        meta.write(root)
+        if any(res.misses.values()):
+            log.warning("day %s: %s positive candidates not found among the all_stage rows of their group; "
+                        "their slots are masked out", day, res.misses)
+        log.info("converted %s: %d requests to '%s' in %.1fs, peak RSS %.0f MiB", day, n, day_dir(root, day),
+                 time.perf_counter() - t0, peak_rss_mib())
+        gc.collect()
+    meta.write(root)
+    log.info("RecFlow -> '%s': %d days (%s) in %.1fs, peak RSS %.0f MiB", root, len(meta.days), mode,
+             time.perf_counter() - t_all, peak_rss_mib())
+    return meta
