@@ -76,3 +76,15 @@ def test_time_features_use_shanghai_not_the_host(monkeypatch):
     finally:
         monkeypatch.delenv("TZ")
         time.tzset()
+
+
+@pytest.mark.integration
+def test_ray_parallel_generation_matches_sequential(tmp_path, ray_local):
+    cfg = SyntheticConfig(days=2, requests_per_day=300, seed=11, rows_per_file=128)  # 3 chunks a day
+    seq = generate(cfg, tmp_path / "seq", parallel=False)
+    par = generate(cfg, tmp_path / "par", parallel=True)
+    assert seq == par
+    for day in seq.days:
+        files = sorted(p.name for p in day_dir(tmp_path / "seq", day).glob("*.parquet"))
+        assert files == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+        assert pq.read_table(day_dir(tmp_path / "seq", day)).equals(pq.read_table(day_dir(tmp_path / "par", day)))
