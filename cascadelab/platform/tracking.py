@@ -22,6 +22,24 @@ def resolve_tracking_uri(configured: str | None = None) -> str:
     return f"sqlite:///{(Path.cwd() / 'mlflow.db').resolve()}"
 
 
+def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast on an unreachable tracking server (MLflow's client would retry for minutes)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as response:
+            if response.status != 200:
+                raise OSError(f"HTTP {response.status}")
+    except (OSError, urllib.error.URLError) as exc:
+        from cascadelab.platform.config import ConfigError
+
+        raise ConfigError(f"MLflow tracking server '{uri}' is not reachable ({exc}); start it "
+                          f"(`mlflow server ...`) or set tracking.uri / MLFLOW_TRACKING_URI") from None
+
+
 def _clean_value(value: Any) -> str:
     text = "null" if value is None else str(value)
     return text[:6000]

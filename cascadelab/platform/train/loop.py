@@ -149,6 +149,7 @@ class _Trainer:
         self.model = prepare_model(model)
         self.groups = tuple(loop_config["groups"])
         self.eval_collate = self.collate_for(loop_config.get("eval_day", "eval"), evaluation=True)
+        self._pending = {"rows": 0.0, "busy_s": 0.0}  # local progress since the last report
 
     def collate_for(self, day: str, evaluation: bool = False) -> ArrowToTorch:
         """The collate of one day's data: id/label checks naming the day, in-batch negatives."""
@@ -159,7 +160,6 @@ class _Trainer:
                                 vocab=self.lc["vocab"], source=source)
         return ArrowToTorch(self.groups, data.sample_num, seed=self.cfg.train.seed * 1000 + self.rank,
                             vocab=self.lc["vocab"], source=source)
-        self._pending = {"rows": 0.0, "busy_s": 0.0}  # local progress since the last report
 
     def step(self, batch: CascadeBatch) -> dict[str, torch.Tensor]:
         with self.autocast:

@@ -14,11 +14,13 @@ from pathlib import Path
 
 import yaml
 
+from cascadelab.platform.cluster.storage import check_storage_path
 from cascadelab.platform.config import CascadeConfig, ConfigError, flatten
 from cascadelab.platform.data.ingest import day_files, read_day
 from cascadelab.platform.data.schema import DataError, DatasetMeta, groups_for
 from cascadelab.platform.runtime import decide_use_gpu, ensure_ray
 from cascadelab.platform.tracking import (
+    check_tracking_uri,
     end_run,
     log_artifacts,
     log_metrics,
@@ -142,10 +144,15 @@ def run_training(cfg: CascadeConfig, resume: str | None = None, tags: dict[str, 
         day_files(cfg.data.path, day, meta.mode, groups)
     storage = resolve_storage_path(cfg.train.storage_path)
     uri = resolve_tracking_uri(cfg.tracking.uri)
+    check_tracking_uri(uri)
     if resume is not None and "://" not in storage and not (Path(storage) / resume).is_dir():
         raise ConfigError(f"--resume {resume}: no Ray Train run of that name under train.storage_path '{storage}'")
 
     ensure_ray()
+    try:
+        check_storage_path(cfg.train.storage_path, shared=cfg.train.shared_storage)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     check_cpu_budget(cfg, ray.cluster_resources().get("CPU", 0.0))
     use_gpu = decide_use_gpu(cfg.train.use_gpu)
     run_name = resume or run_name or unique_run_name(cfg.tracking.run_name or cfg.objective.name)

@@ -122,3 +122,14 @@ def test_missing_data_fails_before_any_ray_work(tmp_path):
     with pytest.raises(DataError, match="data directory '.*nothing' does not exist"):
         run_training(cfg)
     assert not (tmp_path / "m.db").exists()  # nothing was written
+
+
+def test_unreachable_tracking_server_fails_fast(tiny_dataset, tmp_path):
+    import time
+
+    from cascadelab.platform.train.run import run_training
+
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match="MLflow tracking server 'http://127.0.0.1:9' is not reachable"):
+        run_training(load_config(None, [f"data.path={tiny_dataset}", "tracking.uri=http://127.0.0.1:9"]))
+    assert time.perf_counter() - t0 < 10
