@@ -29,6 +29,8 @@ class DataConfig:
     batch_size: int = 1024
     eval_batch_size: int = 1024
     shuffle_buffer: int = 0  # rows in Ray Data's local shuffle buffer; 0 disables shuffling
+    sample_num: int = 0  # in-batch negatives appended per request for training (DFTopK's --sample_num)
+    eval_sample_num: int = 0  # ... for evaluation: 0 = LCRON protocol (40 logged), 160 = DFTopK (200 pool)
     max_rows_per_day: int | None = None  # cap rows read per day (quick runs); None: all rows
 
 
@@ -50,10 +52,25 @@ class ModelConfig:
 
 @dataclass
 class ObjectiveConfig:
+    """Every objective's hyperparameters; each objective takes the fields named like its constructor keywords."""
+
     name: str = "dftopk"  # see cascadelab.cascade.objectives.OBJECTIVES
-    gt_k: int = 10  # ground-truth items per request (Recall@10@m)
+    gt_k: int = 10  # ground-truth items per request (Recall@10@m); the quota of LCRON and the top-k masks
     tau: float = 500.0  # DFTopK temperature on raw logits (the DFTopK paper's value)
     bce_last_stage_groups: int = 2  # BCE trains the last stage on the first N candidate groups only
+    icc_temperature: float = 0.5  # ICC gate sigmoid((s - kappa) / T); paper grid {.05,.1,.5,1}; reference code 1e-3
+    icc_stage_scale: float | None = None  # ICC fused-score multiplier c_j = scale**j; None: 1 (2 stages), 2 (3+)
+    rankflow_alpha: float | None = None  # RankFlow: (1 - a) distillation + a rank; None: a = 0 (2 st.), all 1 (3+)
+    lambdaloss_topn: int = 30  # FS-LambdaLoss top-n of the NDCG discounts
+    lambdaloss_smoothing: float = 0.8  # FS-LambdaLoss mixture f of NDCG-Loss2 and LambdaRank discounts
+    arf_tau: float = 200.0  # ARF / ARF-v2 NeuralSort temperature
+    lcron_tau: float = 50.0  # LCRON NeuralSort / SoftSort temperature
+    lcron_sort: str = "neuralsort"  # LCRON sort operator: neuralsort | softsort | diffsort
+    lcron_stage_quotas: bool = False  # LCRON quotas = the stages' k (paper App. E.1) instead of gt_k
+    diffsort_steepness: float = 10.0  # DiffSort (LCRON with lcron_sort=diffsort) comparator steepness
+    diffsort_network: str = "odd_even"  # DiffSort sorting network: odd_even | bitonic
+    lapsum_alpha: float = 5.0  # LapSum scale on raw logits (the DFTopK repo's value)
+    sparse_topk_l: float = 1.0  # sparse soft top-k regularisation strength l (the DFTopK repo's value)
 
 
 @dataclass
@@ -64,7 +81,14 @@ class TrainConfig:
     lr: float = 1e-2
     seed: int = 42
     storage_path: str = "results"  # Ray Train results and checkpoints (absolute, s3://, gs://)
+    shared_storage: bool = False  # storage_path is a shared mount (NFS) visible to every node
     checkpoints_to_keep: int = 2
+    checkpoint_every_steps: int = 0  # also checkpoint every N steps (0: only after each day)
+    max_failures: int = 1  # worker-group failures Ray Train recovers from (resuming from the last checkpoint)
+    streaming_eval: bool = False  # after each day d, evaluate on day d+1 (papers' Figure 2 protocol)
+    bf16: bool = False  # bf16 autocast on GPU (ignored on CPU)
+    fail_at_step: int = -1  # fault injection for tests: raise once at this global step (-1: off)
+    fail_rank: int = 0  # the worker rank that raises
 
 
 @dataclass
@@ -204,6 +228,14 @@ def validate(cfg: CascadeConfig) -> None:
                           f"valid: {', '.join(sorted(OBJECTIVES))}")
     positive = {
         "objective.gt_k": cfg.objective.gt_k, "objective.tau": cfg.objective.tau,
+        "objective.bce_last_stage_groups": cfg.objective.bce_last_stage_groups,
+        "objective.icc_temperature": cfg.objective.icc_temperature,
+        "objective.icc_stage_scale": 1.0 if cfg.objective.icc_stage_scale is None else cfg.objective.icc_stage_scale,
+        "objective.lambdaloss_topn": cfg.objective.lambdaloss_topn, "objective.arf_tau": cfg.objective.arf_tau,
+        "objective.lcron_tau": cfg.objective.lcron_tau,
+        "objective.diffsort_steepness": cfg.objective.diffsort_steepness,
+        "objective.lapsum_alpha": cfg.objective.lapsum_alpha,
+        "objective.sparse_topk_l": cfg.objective.sparse_topk_l,
         "data.batch_size": cfg.data.batch_size, "data.eval_batch_size": cfg.data.eval_batch_size,
         "train.num_workers": cfg.train.num_workers, "train.cpus_per_worker": cfg.train.cpus_per_worker,
         "train.lr": cfg.train.lr, "train.checkpoints_to_keep": cfg.train.checkpoints_to_keep,
@@ -212,6 +244,12 @@ def validate(cfg: CascadeConfig) -> None:
     for key, value in positive.items():
         if not value > 0:
             raise ConfigError(f"config key '{key}': expected a positive value, got {value}")
+    for key in ("checkpoint_every_steps", "max_failures"):
+        if getattr(cfg.train, key) < 0:
+            raise ConfigError(f"config key 'train.{key}': expected >= 0, got {getattr(cfg.train, key)}")
+    for key in ("sample_num", "eval_sample_num"):
+        if getattr(cfg.data, key) < 0:
+            raise ConfigError(f"config key 'data.{key}': expected >= 0, got {getattr(cfg.data, key)}")
     if cfg.data.shuffle_buffer < 0:
         raise ConfigError(f"config key 'data.shuffle_buffer': expected >= 0, got {cfg.data.shuffle_buffer}")
     if cfg.train.use_gpu not in ("auto", "true", "false"):
