@@ -9,7 +9,7 @@ import sys
 from cascadelab import __version__
 from cascadelab.jobs.common import run_main, setup_logging
 
-JOB_MODULES = ("generate", "convert", "train", "demo", "bench", "submit")
+JOB_MODULES = ("generate", "convert", "train", "sweep", "compare", "demo", "bench", "submit")
 
 
 def build_parser() -> argparse.ArgumentParser:

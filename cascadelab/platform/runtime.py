@@ -18,10 +18,40 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         if os.environ.get("RAY_ADDRESS"):
             ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         else:
-            ray.init(num_cpus=num_cpus, include_dashboard=True, log_to_driver=True)
+            start_local(num_cpus)
         log.info("Ray cluster resources: %s", ray.cluster_resources())
     if not sys.stderr.isatty():
         DataContext.get_current().enable_progress_bars = False
+
+
+def start_local(num_cpus: int | None = None, keep_env: bool = False) -> None:
+    """Start the embedded cluster with its dashboard on a free port, advertised to the cluster's own
+    processes through ``RAY_API_SERVER_ADDRESS``.
+
+    Ray Train's placement-group cleaner finds the State API by auto-detection, which fails ("Found
+    multiple active Ray instances") whenever another local Ray runs on the machine (a test session, a
+    colleague's job); the placement groups of trials that Tune ends then leak and later trials wait
+    forever. Unless ``keep_env`` (a sweep driver, whose trials run in this cluster), the variable is set
+    only while the cluster starts (its processes inherit it) and removed afterwards, so that child
+    processes of this one do not mistake it for their cluster's address.
+    """
+    import socket
+
+    import ray
+
+    if os.environ.get("RAY_API_SERVER_ADDRESS"):
+        ray.init(num_cpus=num_cpus, include_dashboard=True, log_to_driver=True)
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    try:
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+                 log_to_driver=True)
+    finally:
+        if not keep_env:
+            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
 
 
 def decide_use_gpu(requested: str) -> bool:

@@ -1,0 +1,144 @@
+"""``cascadelab compare``: tables from hand-made MLflow runs in a real SQLite store (no Ray, no training)."""
+
+from __future__ import annotations
+
+import argparse
+
+import mlflow
+import pandas as pd
+import pytest
+
+from cascadelab.jobs import compare as compare_job
+from cascadelab.jobs.common import run_main
+from cascadelab.platform.config import flatten, load_config
+from cascadelab.platform.tracking import end_run, log_metrics, start_run
+
+
+def _cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser(prog="cascadelab")
+    sub = parser.add_subparsers(dest="command", required=True)
+    compare_job.add_parser(sub)
+    args = parser.parse_args(["compare", *argv])
+    return run_main(args.func, args)
+
+
+def _run(uri, experiment, overrides, metrics, parent=None, status="FINISHED", history=None):
+    cfg = load_config(None, overrides)
+    tags = {"mlflow.parentRunId": parent} if parent else {}
+    run_id = start_run(uri, experiment, f"r-{len(overrides)}-{hash(tuple(overrides)) % 10**6}",
+                       flatten(cfg.to_dict()), tags=tags)
+    for key, points in (history or {}).items():
+        for step, value in enumerate(points):
+            log_metrics(uri, run_id, {key: value}, step=step)
+    log_metrics(uri, run_id, metrics, step=2)
+    end_run(uri, run_id, status)
+    return run_id
+
+
+def _metrics(joint, **extra):
+    return {"joint_recall": joint, "ranking_recall": joint + 0.01, "ranking_ndcg": 0.7,
+            "retrieval_recall": 0.95, "retrieval_ndcg": 0.6, **extra}
+
+
+@pytest.fixture
+def sweep_store(tmp_path):
+    """A sweep 'grid' with objective.name x train.seed: one parent, five children (+ one failed child)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = start_run(uri, "exp", "sweep-grid", {"grid.objective.name": "[bce, dftopk]"},
+                       tags={"cascadelab.sweep": "grid"})
+    joint = {("bce", 0): 0.80, ("bce", 1): 0.82, ("dftopk", 0): 0.86, ("dftopk", 1): 0.88, ("lcron", 0): 0.9}
+    for (name, seed), value in joint.items():
+        _run(uri, "exp", [f"objective.name={name}", f"train.seed={seed}"], _metrics(value), parent=parent)
+    _run(uri, "exp", ["objective.name=icc", "train.seed=0"], {"train_loss": 1.0}, parent=parent, status="FAILED")
+    end_run(uri, parent)
+    return uri, parent, tmp_path
+
+
+def test_sweep_method_table_mean_std_over_seeds(sweep_store, capsys):
+    uri, parent, tmp = sweep_store
+    assert _cli("--sweep", "grid", "--tracking-uri", uri, "--out", str(tmp / "out")) == 0
+    out = capsys.readouterr().out
+    assert "sweep grid: 5 finished runs" in out
+    assert ("| Method | Joint R@10@20 | Ranking R@10@20 | Ranking NDCG@10 | Retrieval R@10@30 | Retrieval NDCG@10 "
+            "| runs |") in out
+    assert ("| bce | 0.8100 ± 0.0141 | 0.8200 ± 0.0141 | 0.7000 ± 0.0000 | 0.9500 ± 0.0000 | 0.6000 ± 0.0000 "
+            "| 2 |") in out
+    assert "| dftopk | 0.8700 ± 0.0141 |" in out
+    assert "| lcron | 0.9000 ± 0.0000 |" in out  # one seed: std 0
+    assert "icc" not in out  # the failed run is left out
+    table = pd.read_csv(tmp / "out" / "methods.csv")
+    assert list(table["objective.name"]) == ["bce", "lcron", "dftopk"]  # the papers' (registry) order
+    assert table["joint_recall_mean"].tolist() == pytest.approx([0.81, 0.90, 0.87])
+    assert table["runs"].tolist() == [2, 1, 2]
+    artifacts = {a.path for a in mlflow.MlflowClient(uri).list_artifacts(parent, "compare")}
+    assert {"compare/methods.csv", "compare/tables.md"} <= artifacts
+
+
+def test_tau_sample_num_and_step_time_tables_with_plots(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = start_run(uri, "exp", "sweep-t", {}, tags={"cascadelab.sweep": "t"})
+    for tau in (5, 500):
+        for n in (0, 40):
+            for seed in (0, 1):
+                joint = 0.8 + tau / 10000 + n / 1000 + seed / 100
+                _run(uri, "exp", ["objective.name=dftopk", f"objective.tau={tau}", f"data.sample_num={n}",
+                                  f"train.seed={seed}"], _metrics(joint, step_time_s=0.01 + n / 10000), parent=parent)
+    end_run(uri, parent)
+    assert _cli("--sweep", "t", "--tracking-uri", uri, "--out", str(tmp_path / "out")) == 0
+    out = capsys.readouterr().out
+    assert "| dftopk (data.sample_num=0, objective.tau=5.0) | 0.8055 ± 0.0071 |" in out
+    assert "### Joint recall vs objective.tau" in out
+    assert "| Method | tau=5.0 | tau=500.0 |" in out
+    assert "| dftopk (data.sample_num=0) | 0.8055 ± 0.0071 | 0.8550 ± 0.0071 |" in out
+    assert "| Method | sample_num=0 | sample_num=40 |" in out
+    assert "| dftopk (objective.tau=5.0) | 10.00 ± 0.00 | 14.00 ± 0.00 |" in out  # step time in ms
+    files = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"methods.csv", "tau_tau.csv", "tau_tau.png", "sample_num.csv", "sample_num.png", "step_time.csv",
+            "step_time.png", "tables.md"} <= files
+    artifacts = {a.path for a in mlflow.MlflowClient(uri).list_artifacts(parent, "compare")}
+    assert {"compare/tau_tau.png", "compare/sample_num.png", "compare/step_time.png"} <= artifacts
+
+
+def test_experiment_mode_reads_plain_runs_and_streaming_history(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for name, base in (("bce", 0.80), ("dftopk", 0.85)):
+        for seed in (0, 1):
+            _run(uri, "plain", [f"objective.name={name}", f"train.seed={seed}", "train.streaming_eval=true"],
+                 _metrics(base + seed / 100), history={"stream_joint_recall": [base - 0.1 + seed / 100,
+                                                                              base + seed / 100]})
+    # a `train --seeds` parent (only *_mean metrics) and a failed run are not table rows
+    start_run(uri, "plain", "x3", {"objective.name": "lcron"})
+    _run(uri, "plain", ["objective.name=lcron"], {"joint_recall": 0.9}, status="FAILED")
+    assert _cli("--experiment", "plain", "--tracking-uri", uri, "--out", str(tmp_path / "o")) == 0
+    out = capsys.readouterr().out
+    assert "experiment plain: 4 finished runs" in out
+    assert "| bce | 0.8050 ± 0.0071 |" in out and "lcron" not in out
+    assert "### Streaming evaluation: joint recall on the next day" in out
+    assert "| Method | stream_day=1 | stream_day=2 |" in out  # per-day history, steps 0 and 1
+    assert "| dftopk | 0.7550 ± 0.0071 | 0.8550 ± 0.0071 |" in out
+    assert (tmp_path / "o" / "streaming.png").is_file()
+
+
+def test_unknown_sweep_or_experiment_is_one_line(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert _cli("--sweep", "nope", "--tracking-uri", uri, "--out", str(tmp_path)) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("cascadelab:")]
+    assert errors == [f"cascadelab: error: --sweep nope: no sweep of that name at {uri}"]
+    assert _cli("--experiment", "nope", "--tracking-uri", uri, "--out", str(tmp_path)) == 2
+    assert "--experiment nope: no MLflow experiment of that name" in capsys.readouterr().err
+
+
+def test_sweep_without_finished_runs_is_one_line(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    start_run(uri, "exp", "sweep-empty", {}, tags={"cascadelab.sweep": "empty"})
+    assert _cli("--sweep", "empty", "--tracking-uri", uri, "--out", str(tmp_path)) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("cascadelab:")]
+    assert len(errors) == 1 and "--sweep empty: no finished runs with joint_recall yet (0 runs found" in errors[0]
+
+
+@pytest.mark.parametrize("argv", [[], ["--sweep", "a", "--experiment", "b"]])
+def test_exactly_one_of_sweep_or_experiment(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _cli(*argv)
+    assert exc.value.code == 2
+    assert "--sweep" in capsys.readouterr().err
