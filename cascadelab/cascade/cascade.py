@@ -17,7 +17,7 @@ class Cascade(nn.Module):
         super().__init__()
         self.ks = list(ks)
         self.stages = nn.ModuleList([build_model(m, vocab, emb_dim, hidden) for m in stage_models])
-        self.objective = build_objective(objective, len(stage_models), objective_params)
+        self.objective = build_objective(objective, len(stage_models), objective_params, ks=self.ks)
 
     def scores(self, batch: CascadeBatch) -> list[Tensor]:
         return [stage(batch) for stage in self.stages]

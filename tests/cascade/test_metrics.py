@@ -68,3 +68,20 @@ def test_ndcg_hand_computed():
     dcg = 1.0 / math.log2(2) + 2.0 / math.log2(3) + 3.0 / math.log2(4)
     idcg = 3.0 / math.log2(2) + 2.0 / math.log2(3) + 1.0 / math.log2(4)
     assert ok.all() and math.isclose(nd.item(), dcg / idcg, rel_tol=1e-6)
+
+
+def test_three_stage_joint_recall_with_padding_hand_computed():
+    # 3 groups of 3 slots. Request 0: GT slots 0, 1 valid, slot 2 padded; padded slot 5 scores highest
+    # everywhere. Cascade 5 -> 3 -> 2.
+    mask = torch.tensor([[True, True, False, True, True, False, True, True, True]])
+    label = torch.tensor([[29.0, 28.0, 0.0, 7.0, 7.0, 0.0, 6.0, 6.0, 6.0]])
+    s1 = torch.tensor([[5.0, 1.0, 9.0, 4.0, 3.0, 9.0, 2.0, 6.0, 0.0]])  # keeps 7, 0, 3, 4, 6 (slot 1 cut)
+    s2 = torch.tensor([[3.0, 9.0, 9.0, 1.0, 2.0, 9.0, 0.0, 4.0, 0.0]])  # of those keeps 7, 0, 4
+    s3 = torch.tensor([[2.0, 0.0, 9.0, 0.0, 1.0, 9.0, 0.0, 3.0, 0.0]])  # of those keeps 7, 0
+    kept = cascade_selection([s1, s2, s3], [5, 3, 2], mask)
+    assert kept.nonzero()[:, 1].tolist() == [0, 7]
+    m = finalize(metric_sums([s1, s2, s3], [5, 3, 2], _batch(mask, label, slots=3), gt_k=3))
+    assert m["joint_recall"] == 0.5  # 1 of the 2 real GT items (the padded GT slot does not count)
+    assert m["retrieval_recall"] == 0.5  # per-stage recall on the whole list: top-5 of s1 holds slot 0 only
+    assert m["prerank_recall"] == 1.0  # top-3 of s2: slots 1, 7, 0
+    assert m["ranking_recall"] == 0.5  # top-2 of s3: slots 7, 0

@@ -18,9 +18,13 @@ class ObjectiveOutput:
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """Mean of ``x`` over ``mask`` (normalised by the valid count, not by all slots); 0 if empty."""
+    """Mean of ``x`` over ``mask`` (normalised by the valid count, not by all slots); 0 if empty.
+
+    Entries outside the mask are dropped with ``where`` (not multiplied by 0), so an inf or NaN there
+    reaches neither the value nor the gradient.
+    """
     m = mask.to(x.dtype)
-    return (x * m).sum() / m.sum().clamp_min(1.0)
+    return torch.where(m > 0, x * m, torch.zeros_like(x)).sum() / m.sum().clamp_min(1.0)
 
 
 def bce_with_logits(logits: Tensor, target: Tensor, mask: Tensor) -> Tensor:
@@ -52,3 +56,69 @@ class UncertaintyWeights(nn.Module):
     def forward(self, losses: list[Tensor]) -> Tensor:
         stacked = torch.stack(losses)
         return (0.5 * torch.exp(-self.log_var) * stacked + 0.5 * self.log_var).sum()
+
+
+EPS = 1e-6  # inside every log of the sorting-based and probability losses (reference notes §0)
+FILL_MARGIN = 1e3  # how far below a row's lowest valid score invalid candidates are placed
+
+
+def default_ks(num_stages: int, ks: list[int] | None = None) -> list[int]:
+    """The stage cut-offs: ``ks`` when given, else the RecFlow cascades' ([30, 20] or [40, 30, 20])."""
+    if ks is not None:
+        if len(ks) != num_stages:
+            raise ValueError(f"ks: expected {num_stages} stage cut-offs, got {list(ks)}")
+        return [int(k) for k in ks]
+    defaults = {1: [20], 2: [30, 20], 3: [40, 30, 20]}
+    if num_stages not in defaults:
+        raise ValueError(f"ks: a {num_stages}-stage cascade needs explicit stage cut-offs")
+    return defaults[num_stages]
+
+
+def fill_invalid(scores: Tensor, mask: Tensor, margin: float = FILL_MARGIN) -> Tensor:
+    """``scores`` with every invalid entry set to ``min(valid scores of the row) - margin``.
+
+    For operators without a mask argument: the fill is finite (operators reject inf), constant
+    (no gradient reaches padded logits) and strictly below every valid score, so padded candidates
+    take the last positions of any sort. Rows without a valid candidate are filled with ``-margin``.
+    """
+    low = scores.detach().masked_fill(~mask, float("inf")).amin(-1, keepdim=True)
+    low = torch.where(torch.isfinite(low), low, torch.zeros_like(low)) - margin
+    return torch.where(mask, scores, low)
+
+
+def topk_threshold(scores: Tensor, k: int, mask: Tensor) -> Tensor:
+    """``[B, 1]``: the midpoint of the ``k``-th and ``(k+1)``-th largest valid scores of every row.
+
+    A gate ``sigmoid((s - threshold) / T)`` then keeps exactly the top ``k`` as ``T -> 0``. The gradient
+    flows into the two boundary elements. Rows with ``k`` or fewer valid candidates get a threshold below
+    all of them (the missing order statistics are taken 1 below the row's lowest valid score).
+    """
+    filled = fill_invalid(scores, mask, 1.0)
+    below = filled.detach().amin(-1, keepdim=True) - 1.0  # a sentinel under every item
+    k = max(1, min(k, scores.shape[-1]))
+    pair = torch.cat([filled, below], dim=-1).topk(k + 1, dim=-1).values[..., -2:]
+    return pair.mean(-1, keepdim=True)
+
+
+def row_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """``[B]``: per-row mean of ``x: [B, n]`` over ``mask`` (0 for rows without any)."""
+    m = mask.to(x.dtype)
+    return torch.where(mask, x, torch.zeros_like(x)).sum(-1) / m.sum(-1).clamp_min(1.0)
+
+
+def bce_prob(p: Tensor, target: Tensor, mask: Tensor, eps: float = EPS) -> Tensor:
+    """Masked-mean BCE of probabilities ``p`` in [0, 1]: ``-[y ln(p + eps) + (1 - y) ln(1 - p + eps)]``."""
+    t = target.to(p.dtype)
+    loss = -(t * torch.log(p.clamp(0.0, 1.0) + eps) + (1 - t) * torch.log((1 - p).clamp(0.0, 1.0) + eps))
+    return masked_mean(loss, mask)
+
+
+def valid_positions(mask: Tensor) -> Tensor:
+    """``[B, n]`` bool: sort position ``k`` is filled by a valid item (``k < count``).
+
+    With invalid candidates filled below every valid one (:func:`fill_invalid`), the valid items take
+    the first ``count`` rows of a descending soft permutation. This is the reference's "sequence mask"
+    m-bar, but applied to positions (rows) only; items (columns) use the real mask (notes §6 item 1).
+    """
+    count = mask.sum(-1, keepdim=True)
+    return torch.arange(mask.shape[-1], device=mask.device) < count

@@ -23,10 +23,11 @@ class DFTopKObjective(nn.Module):
     z_s = (s - theta_s) / tau with theta_s the midpoint of the k-th and (k+1)-th largest valid score;
     L_s = BCE(z_s, y); L_joint = BCE(prod_s sigmoid(z_s), y); total = UWL(L_1..L_S) + L_joint (the joint
     weight is fixed at 1, as in the reference). Deviations: y is the real ground truth (padded group-0
-    slots are not positives) and padded candidates are excluded from theta and from every mean.
+    slots are not positives) and padded candidates are excluded from theta and from every mean;
+    log-variance uncertainty weights. ``scores``: S tensors ``[B, n]`` (any number of stages).
     """
 
-    def __init__(self, num_stages: int, gt_k: int = 10, tau: float = 500.0, **_: object):
+    def __init__(self, num_stages: int, gt_k: int = 10, tau: float = 500.0):
         super().__init__()
         self.names = stage_names(num_stages)
         self.k = gt_k
@@ -47,5 +48,7 @@ class DFTopKObjective(nn.Module):
             log_joint = log_joint + F.logsigmoid(z)
         joint = bce_from_log_prob(log_joint, y, mask)
         components["dftopk_joint"] = joint.detach()
+        for name, lv in zip(self.names, self.weights.log_var.detach(), strict=True):
+            components[f"dftopk_weight_{name}"] = torch.exp(0.5 * lv)
         total = self.weights(stage_losses) + joint
         return ObjectiveOutput(total, components)

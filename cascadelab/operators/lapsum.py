@@ -1,0 +1,106 @@
+"""LapSum soft top-k (Struski et al., ICML 2025, arXiv 2503.06242).
+
+With F the standard Laplace CDF (F(d) = e^d / 2 for d <= 0, 1 - e^-d / 2 for d > 0):
+
+    p_i = F(scores_i / alpha - t),   t chosen so that sum_i p_i = k.
+
+Parametrisation and sign convention: ``alpha > 0`` is a *scale* (a temperature): larger alpha = softer,
+alpha -> 0 gives the hard top-k mask. This is the parametrisation of the authors' pure-PyTorch
+``soft_top_k(r, k, alpha, descending=False)`` (``r / alpha - b``), which the DFTopK reference code calls
+with ``alpha = 5`` on raw logits; that call selects the LARGEST scores, and so does this function.
+The authors' C++ extension instead folds the direction into the sign of alpha; here alpha must be
+positive and the direction is always "largest".
+
+Forward, O(n log n): sort the scaled scores y ascending. On the segment between the m-th and (m+1)-th
+sorted values the constraint reads e^-t L_m / 2 + (n - m) - e^t R_m / 2 = k with L_m = sum_{i<=m} e^y_i,
+R_m = sum_{i>m} e^-y_i (two log-cumsum-exps), a quadratic in e^t solved in closed form after locating m
+(the constraint is monotone in t, so m is a count). Backward, O(n), analytic (implicit function theorem):
+with f_i = F'(d_i) = e^-|d_i| / 2 and q = f / sum(f), grad_scores = f * (g - <q, g>) / alpha.
+
+``k`` may be a python number or a per-row tensor (fractional k is allowed, as in the paper); rows with
+k >= n return all ones (zero gradient), the limit of the construction.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from cascadelab.operators._checks import check_k, check_positive, check_scores
+
+
+def lapsum_topk(scores: Tensor, k: int | float | Tensor, alpha: float) -> Tensor:
+    """LapSum soft top-k of ``scores`` (..., n): values in [0, 1], every row sums to ``min(k, n)``.
+
+    Args:
+        scores: ``(..., n)`` floating tensor, last dim = items, higher = better.
+        k: number > 0, or a tensor of shape ``scores.shape[:-1]``.
+        alpha: scale > 0 (the reference uses 5.0 on raw logits); smaller = closer to the hard mask.
+
+    Raises:
+        ValueError: naming the argument, for bad scores, k <= 0, alpha <= 0 or non-finite.
+    """
+    check_scores(scores, "scores")
+    k = check_k(k, scores, "k", integer=False)
+    alpha = check_positive(alpha, "alpha")
+    return _LapSumTopK.apply(scores, k, alpha)
+
+
+class _LapSumTopK(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, scores, k, alpha):
+        shape, n = scores.shape, scores.shape[-1]
+        cdtype = torch.float32 if scores.dtype in (torch.float16, torch.bfloat16) else scores.dtype
+        y = scores.reshape(-1, n).to(cdtype) / alpha
+        kk = k.reshape(-1, 1).to(cdtype) if isinstance(k, Tensor) else torch.full_like(y[:, :1], float(k))
+        full = kk >= n  # (B, 1): every item selected
+        kk = torch.where(full, torch.full_like(kk, n - 0.5), kk)
+        t = _solve_threshold(y, kk)  # (B, 1)
+        d = y - t
+        half_exp = 0.5 * torch.exp(-d.abs())
+        p = torch.where(d > 0, 1.0 - half_exp, half_exp)
+        p = torch.where(full, torch.ones_like(p), p)
+        ctx.save_for_backward(half_exp, full)
+        ctx.alpha, ctx.shape = alpha, shape
+        return p.to(scores.dtype).reshape(shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        f, full = ctx.saved_tensors  # f = F'(d) = exp(-|d|) / 2
+        g = grad_out.reshape(f.shape).to(f.dtype)
+        fs = f.sum(1, keepdim=True)
+        gbar = (g * f).sum(1, keepdim=True) / fs.clamp_min(torch.finfo(f.dtype).tiny)
+        gx = f * (g - gbar) / ctx.alpha
+        gx = torch.where(full, torch.zeros_like(gx), gx)
+        return gx.to(grad_out.dtype).reshape(ctx.shape), None, None
+
+
+def _solve_threshold(y: Tensor, k: Tensor) -> Tensor:
+    """t with sum_i F(y_i - t) = k, per row of y (B, n); requires 0 < k < n. Returns (B, 1)."""
+    n = y.shape[1]
+    ys = torch.sort(y, dim=1).values  # ascending
+    # log a_j = log sum_{i<=j} e^(y_i - y_j) in [0, log j];  log b_j = log sum_{i>j} e^(y_j - y_i)
+    log_a = torch.logcumsumexp(ys, dim=1) - ys
+    tail = torch.logcumsumexp(-ys.flip(1), dim=1).flip(1)  # log sum_{i>=j} e^-y_i
+    tail_next = torch.cat([tail[:, 1:], torch.full_like(tail[:, :1], -torch.inf)], 1)
+    log_b = ys + tail_next
+    j = torch.arange(1, n + 1, device=y.device, dtype=y.dtype)
+    g_at = 0.5 * torch.exp(log_a) + (n - j) - 0.5 * torch.exp(log_b)  # sum_i F(y_i - y_j), non-increasing
+    m = (g_at >= k).sum(1, keepdim=True)  # t lies in [y_m, y_(m+1)); m = 0: left of y_1
+    ref = (m - 1).clamp_min(0)  # reference point p = y_max(m,1) (0-based index)
+    p = ys.gather(1, ref)
+    la = torch.where(m > 0, log_a.gather(1, ref), torch.full_like(p, -torch.inf))
+    lb = torch.where(m > 0, log_b.gather(1, ref), ys[:, :1] + tail[:, :1])
+    c = n - m.to(y.dtype) - k
+    # On the segment: b v^2 - 2 c v - a = 0 for v = e^(t - p). Writing v = sqrt(a/b) e^u gives
+    # sinh(u) = c / sqrt(ab), so log v = (la - lb)/2 + asinh(c e^(-(la+lb)/2)): no cancellation, no
+    # underflow of a*b. m = 0 (a = 0) and m = n (b = 0) are the two linear limits.
+    s = la + lb
+    log_w = torch.log(c.abs()) - 0.5 * s  # log |c / sqrt(ab)|
+    big = log_w > 20.0  # asinh(w) = sign(w) (log 2|w| + O(w^-2))
+    ash = torch.where(big, torch.sign(c) * (log_w + 0.6931471805599453),
+                      torch.asinh(torch.sign(c) * torch.exp(log_w.clamp_max(20.0))))
+    log_v = 0.5 * (la - lb) + ash
+    log_v = torch.where(torch.isinf(la), torch.log(2.0 * c) - lb, log_v)
+    log_v = torch.where(torch.isinf(lb), la - torch.log(-2.0 * c), log_v)
+    return p + log_v

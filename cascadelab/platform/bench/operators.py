@@ -1,0 +1,448 @@
+"""Operator micro-benchmark: the DFTopK paper's runtime protocol, extended to large batches and N.
+
+Protocol (zhangzhen97/DFTOPK ``count_time_fin.py``, reference notes papers_and_anchors 3.4), per
+operator, batch size B and list length N (k = N // 2):
+
+* one timed step = forward + loss + backward, no optimizer. Inputs are drawn once and reused (a fresh
+  leaf per step); unlike the paper's script, input generation and the toy DSSM are not timed: only the
+  operator and its loss are measured. ``warmup`` untimed steps, then ``steps`` timed ones
+  (``time.perf_counter`` on CPU; CUDA events + synchronize on CUDA); median and mean ms per step.
+* top-k operators: BCE against a random hard top-k label (k random positions per row set to 1).
+  dftopk / dftopk-official-style / floor use BCE-with-logits on logits (as the paper); lapsum and
+  sparse-topk output probabilities, so they use BCE on probabilities clamped to [1e-6, 1 - 1e-6]
+  (the reference fed sparse-topk's probabilities to BCE-with-logits; that is not reproduced).
+* permutation operators: the label permutation is built with the same operator under ``no_grad`` from
+  random graded labels (tau 1e-4 for neuralsort/softsort, steepness 1000 for diffsort, as the
+  reference), and the loss is the listwise cross entropy -sum(P_label * log(P + 1e-6)) / n^2.
+
+Baselines timed in the same run:
+
+* ``floor``: BCE-with-logits on ``scores / tau`` directly (no threshold): what any top-k loss must pay.
+* ``dftopk-official-style``: the official formula from the math: theta from two ``torch.kthvalue``
+  calls, autograd through them.
+* ``neuralsort-reference-style``: NeuralSort with ``|s_i - s_j| @ 1 1^T`` (the O(n^3) form).
+
+Skips (recorded in the JSON as ``"skipped: <reason>"``): O(n^2)-memory operators when
+B * N * N * 4 bytes > ``max_quadratic_bytes`` (2 GiB); and, to keep the default run to a few minutes on
+2 cores, O(n^2) operators with B * N^2 > ``max_quadratic_elements`` and cases whose estimated
+element-operations (B N^2 L for the sorting network with L layers, B N^3 for the O(n^3) reference)
+exceed ``max_work``. Raise those two budgets for a full sweep.
+A case whose single step is slow gets fewer steps: ``warmup`` and ``steps`` are cut so that a case
+takes about ``max_seconds_per_case`` (at least 1 warm-up and 2 timed steps); the JSON records the
+counts actually used.
+
+Memory (dftopk, B = max batch): ``saved_bytes`` = bytes the autograd graph keeps for backward, counted
+with ``torch.autograd.graph.saved_tensors_hooks`` (exact, any device), for the operator alone and for
+operator + BCE; ``peak_bytes`` = peak extra memory of one forward + BCE + backward step: on CUDA the
+growth of ``torch.cuda.max_memory_allocated``, on CPU the peak of the running sum of allocations (charged
+to the op that made them) and frees recorded by ``torch.profiler`` with ``profile_memory=True`` (NumPy
+scratch of O(B) is not seen). Both are also given per B*N element.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cascadelab.operators import (
+    dftopk_logits,
+    diff_sort,
+    lapsum_topk,
+    neural_sort,
+    soft_sort,
+    sparse_topk,
+)
+
+ALL_OPERATORS = (
+    "floor",
+    "dftopk",
+    "dftopk-official-style",
+    "lapsum",
+    "sparse-topk",
+    "softsort",
+    "neuralsort",
+    "neuralsort-reference-style",
+    "diffsort",
+)
+QUADRATIC = {"softsort", "neuralsort", "neuralsort-reference-style", "diffsort"}
+
+
+@dataclass
+class OperatorBenchConfig:
+    """What to time. The defaults run the paper grid at batch 1 and the extension at batch 1024."""
+
+    sizes: tuple[int, ...] = (5, 10, 50, 100, 500, 1000, 10000)
+    batch_sizes: tuple[int, ...] = (1, 1024)
+    warmup: int = 10
+    steps: int = 50
+    operators: tuple[str, ...] = ALL_OPERATORS
+    device: str = "cpu"
+    dtype: str = "float32"
+    tau: float = 500.0  # dftopk / floor / official (the DFTopK paper's value)
+    lapsum_alpha: float = 5.0
+    sparse_l: float = 1.0
+    sort_tau: float = 50.0  # neuralsort / softsort
+    steepness: float = 10.0  # diffsort
+    max_seconds_per_case: float = 3.0
+    max_quadratic_bytes: int = 2 * 2**30
+    max_quadratic_elements: float = 5e7  # time budget for the O(n^2) operators (B * N^2)
+    max_work: float = 2e8  # time budget for diffsort (B N^2 L) and the O(n^3) reference (B N^3)
+    seed: int = 0
+    threads: int | None = None  # torch.set_num_threads for the run (None: leave torch's default)
+    plot: bool = True
+    memory: bool = True
+    extra: dict = field(default_factory=dict)  # free-form notes copied into the JSON
+
+
+def run_operator_bench(cfg: OperatorBenchConfig, out_dir: Path) -> dict:
+    """Run the grid, write ``operators.json`` and ``operators.png`` into ``out_dir``, return the JSON dict."""
+    unknown = set(cfg.operators) - set(ALL_OPERATORS)
+    if unknown:
+        raise ValueError(f"unknown benchmark operator(s) {sorted(unknown)}; valid: {list(ALL_OPERATORS)}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    threads_before = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run(cfg, out_dir)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(cfg: OperatorBenchConfig, out_dir: Path) -> dict:
+    device = torch.device(cfg.device)
+    dtype = getattr(torch, cfg.dtype)
+    started = time.time()
+    load_start = _loadavg()
+    results = []
+    for batch in cfg.batch_sizes:
+        for n in cfg.sizes:
+            for op in cfg.operators:
+                results.append(_run_case(cfg, op, batch, n, device, dtype))
+    report = {
+        "meta": {
+            "device": _device_name(device),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "dtype": cfg.dtype,
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "loadavg_start": load_start,
+            "loadavg_end": _loadavg(),
+            "seconds": round(time.time() - started, 1),
+            "config": asdict(cfg),
+            "protocol": "forward + loss + backward per step, no optimizer; k = N // 2; see module docstring",
+        },
+        "results": results,
+        "ratios": _ratios(results, cfg),
+    }
+    if cfg.memory and "dftopk" in cfg.operators:
+        report["memory"] = _dftopk_memory(cfg, device, dtype)
+    (out_dir / "operators.json").write_text(json.dumps(report, indent=2))
+    if cfg.plot:
+        _plot(results, cfg, out_dir / "operators.png")
+    return report
+
+
+# --------------------------------------------------------------------------------------------------
+# one case
+
+
+def _run_case(cfg: OperatorBenchConfig, op: str, batch: int, n: int, device, dtype) -> dict:
+    row = {"operator": op, "batch": batch, "n": n, "k": max(1, n // 2)}
+    reason = _skip_reason(cfg, op, batch, n, dtype)
+    if reason:
+        return {**row, "status": f"skipped: {reason}"}
+    started = time.perf_counter()
+    step = _make_step(cfg, op, batch, n, device, dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    # one probe step sizes the warm-up and the timed steps to the time budget
+    t0 = time.perf_counter()
+    step()
+    sync()
+    probe = time.perf_counter() - t0
+    per_case = max(cfg.max_seconds_per_case, 0.0)
+    budget_steps = int(per_case / max(probe, 1e-6))
+    warmup = max(0, min(cfg.warmup, budget_steps // 5) - 1)
+    steps = max(2, min(cfg.steps, budget_steps - warmup))
+    for _ in range(warmup):
+        step()
+    times = _time_steps(step, steps, device)
+    return {
+        **row,
+        "status": "ok",
+        "median_ms": statistics.median(times),
+        "mean_ms": statistics.fmean(times),
+        "min_ms": min(times),
+        "warmup": warmup + 1,
+        "steps": steps,
+        "case_seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def _time_steps(step: Callable[[], None], steps: int, device) -> list[float]:
+    times = []
+    if device.type == "cuda":
+        for _ in range(steps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def _skip_reason(cfg: OperatorBenchConfig, op: str, batch: int, n: int, dtype) -> str | None:
+    elem = torch.empty((), dtype=dtype).element_size()
+    if op in QUADRATIC and batch * n * n * elem > cfg.max_quadratic_bytes:
+        return f"O(n^2) memory: B*N*N*{elem} bytes = {batch * n * n * elem / 2**30:.1f} GiB > " \
+               f"{cfg.max_quadratic_bytes / 2**30:.1f} GiB"
+    if op in QUADRATIC and batch * n * n > cfg.max_quadratic_elements:
+        return f"time budget: B*N^2 = {batch * n * n:.2e} > {cfg.max_quadratic_elements:.0e}"
+    if op == "diffsort" and batch * n * n * n > cfg.max_work:
+        return f"odd-even network: B*N^2*L = {batch * n**3:.2e} element-ops > {cfg.max_work:.0e}"
+    if op == "neuralsort-reference-style" and batch * n**3 > cfg.max_work:
+        return f"O(n^3) matmul: B*N^3 = {batch * n**3:.2e} > {cfg.max_work:.0e}"
+    return None
+
+
+def _make_step(cfg: OperatorBenchConfig, op: str, batch: int, n: int, device, dtype) -> Callable[[], None]:
+    g = torch.Generator().manual_seed(cfg.seed + 7919 * n + batch)
+    k = max(1, n // 2)
+    scores = torch.randn(batch, n, generator=g).to(device=device, dtype=dtype)
+    # random hard top-k label: k random positions per row
+    label = torch.zeros(batch, n)
+    label.scatter_(1, torch.rand(batch, n, generator=g).argsort(1)[:, :k], 1.0)
+    label = label.to(device=device, dtype=dtype)
+    grades = torch.randn(batch, n, generator=g).to(device=device, dtype=dtype)
+    eps = 1e-6
+
+    def topk_step(fn: Callable[[Tensor], Tensor], logits: bool) -> Callable[[], None]:
+        def step() -> None:
+            x = scores.detach().requires_grad_()
+            out = fn(x)
+            if logits:
+                loss = F.binary_cross_entropy_with_logits(out, label)
+            else:
+                loss = F.binary_cross_entropy(out.clamp(eps, 1 - eps), label)
+            loss.backward()
+        return step
+
+    def perm_step(fn: Callable[[Tensor], Tensor], label_fn: Callable[[Tensor], Tensor]) -> Callable[[], None]:
+        def step() -> None:
+            with torch.no_grad():
+                target = label_fn(grades)
+            x = scores.detach().requires_grad_()
+            p = fn(x)
+            loss = -(target * torch.log(p + eps)).sum() / (batch * n * n)
+            loss.backward()
+        return step
+
+    tau = cfg.tau
+    if op == "floor":
+        return topk_step(lambda x: x / tau, logits=True)
+    if op == "dftopk":
+        return topk_step(lambda x: dftopk_logits(x, k, tau), logits=True)
+    if op == "dftopk-official-style":
+        return topk_step(lambda x: official_dftopk_logits(x, k, tau), logits=True)
+    if op == "lapsum":
+        return topk_step(lambda x: lapsum_topk(x, k, cfg.lapsum_alpha), logits=False)
+    if op == "sparse-topk":
+        return topk_step(lambda x: sparse_topk(x, k, cfg.sparse_l), logits=False)
+    if op == "neuralsort":
+        return perm_step(lambda x: neural_sort(x, cfg.sort_tau), lambda y: neural_sort(y, 1e-4))
+    if op == "neuralsort-reference-style":
+        return perm_step(lambda x: reference_neural_sort(x, cfg.sort_tau), lambda y: reference_neural_sort(y, 1e-4))
+    if op == "softsort":
+        return perm_step(lambda x: soft_sort(x, cfg.sort_tau), lambda y: soft_sort(y, 1e-4))
+    if op == "diffsort":
+        return perm_step(lambda x: diff_sort(x, cfg.steepness), lambda y: diff_sort(y, 1000.0))
+    raise ValueError(f"unknown benchmark operator {op!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# baselines written from the math (reference notes 2.1 and 3.2)
+
+
+def official_dftopk_logits(x: Tensor, k: int, tau: float) -> Tensor:
+    """(x - theta) / tau with theta = midpoint of two ``torch.kthvalue`` calls; autograd through them."""
+    n = x.shape[-1]
+    kth = torch.kthvalue(x, n - k + 1, dim=-1, keepdim=True).values  # k-th largest
+    next_ = torch.kthvalue(x, n - k, dim=-1, keepdim=True).values  # (k+1)-th largest
+    return (x - (kth + next_) / 2) / tau
+
+
+def reference_neural_sort(s: Tensor, tau: float) -> Tensor:
+    """NeuralSort as the LCRON code computes it: sum_j |s_i - s_j| through an all-ones n x n matmul."""
+    n = s.shape[-1]
+    dist = (s.unsqueeze(-1) - s.unsqueeze(-2)).abs()
+    b = dist @ torch.ones(n, n, dtype=s.dtype, device=s.device)  # O(n^3)
+    scale = (n + 1 - 2 * torch.arange(1, n + 1, dtype=s.dtype, device=s.device)).unsqueeze(-1)
+    return torch.softmax((scale * s.unsqueeze(-2) - b.transpose(-1, -2)) / tau, dim=-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# summaries
+
+
+def _find(results: list[dict], op: str, batch: int, n: int) -> float | None:
+    for r in results:
+        if r["operator"] == op and r["batch"] == batch and r["n"] == n and r["status"] == "ok":
+            return r["median_ms"]
+    return None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def _ratios(results: list[dict], cfg: OperatorBenchConfig) -> dict:
+    """Median-based ratios; None where a case was not run."""
+    big = max(cfg.batch_sizes)
+    small = min(cfg.batch_sizes)
+    out = {}
+    for b in sorted({big, small}):
+        out[f"dftopk_over_floor_b{b}_n1000"] = _ratio(_find(results, "dftopk", b, 1000),
+                                                       _find(results, "floor", b, 1000))
+        out[f"official_over_dftopk_b{b}_n1000"] = _ratio(_find(results, "dftopk-official-style", b, 1000),
+                                                          _find(results, "dftopk", b, 1000))
+        out[f"dftopk_n10000_over_n1000_b{b}"] = _ratio(_find(results, "dftopk", b, 10000),
+                                                        _find(results, "dftopk", b, 1000))
+        out[f"floor_n10000_over_n1000_b{b}"] = _ratio(_find(results, "floor", b, 10000),
+                                                       _find(results, "floor", b, 1000))
+    ns = [n for n in cfg.sizes if _find(results, "neuralsort-reference-style", small, n) and
+          _find(results, "neuralsort", small, n)]
+    if ns:
+        n = max(ns)
+        out[f"neuralsort_reference_over_ours_b{small}_n{n}"] = _ratio(
+            _find(results, "neuralsort-reference-style", small, n), _find(results, "neuralsort", small, n))
+    return out
+
+
+def _dftopk_memory(cfg: OperatorBenchConfig, device, dtype) -> dict:
+    batch = max(cfg.batch_sizes)
+    rows = []
+    for n in sorted({min(cfg.sizes), max(cfg.sizes)} | ({1000} & set(cfg.sizes))):
+        k = max(1, n // 2)
+        g = torch.Generator().manual_seed(cfg.seed)
+        scores = torch.randn(batch, n, generator=g).to(device=device, dtype=dtype)
+        label = (torch.rand(batch, n, generator=g) < 0.5).to(device=device, dtype=dtype)
+        x = scores.detach().requires_grad_()
+        op_bytes = _saved_bytes(lambda x=x, k=k: dftopk_logits(x, k, cfg.tau))
+        step_bytes = _saved_bytes(
+            lambda x=x, k=k, y=label: F.binary_cross_entropy_with_logits(dftopk_logits(x, k, cfg.tau), y))
+
+        def step(x=x, k=k, label=label) -> None:
+            xx = x.detach().requires_grad_()
+            F.binary_cross_entropy_with_logits(dftopk_logits(xx, k, cfg.tau), label).backward()
+
+        peak = _peak_bytes(step, device)
+        elems = batch * n
+        rows.append({
+            "batch": batch, "n": n,
+            "saved_bytes_operator": op_bytes, "saved_bytes_operator_plus_bce": step_bytes,
+            "saved_bytes_per_element": step_bytes / elems,
+            "peak_bytes": peak, "peak_bytes_per_element": None if peak is None else peak / elems,
+        })
+    method = ("cuda max_memory_allocated" if device.type == "cuda" else
+              "torch.profiler(profile_memory=True): running sum of per-op allocations and frees")
+    return {"operator": "dftopk", "saved_bytes_method": "torch.autograd.graph.saved_tensors_hooks",
+            "peak_method": method, "rows": rows}
+
+
+def _saved_bytes(fn: Callable[[], Tensor]) -> int:
+    total = 0
+
+    def pack(t: Tensor) -> Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+def _peak_bytes(step: Callable[[], None], device) -> int | None:
+    """Peak of (allocated - freed) bytes during one step, relative to its start."""
+    step()  # warm caches and lazy inits
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    # allocations are charged to the op that made them, frees appear as "[memory]" events
+    deltas = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.profiler.function_events
+                    if e.self_cpu_memory_usage)
+    peak = running = 0
+    for _, delta in deltas:
+        running += delta
+        peak = max(peak, running)
+    return peak
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def _plot(results: list[dict], cfg: OperatorBenchConfig, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = list(cfg.batch_sizes)
+    fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4.5), squeeze=False)
+    for ax, batch in zip(axes[0], batches, strict=True):
+        for op in cfg.operators:
+            pts = [(r["n"], r["median_ms"]) for r in results
+                   if r["operator"] == op and r["batch"] == batch and r["status"] == "ok"]
+            if pts:
+                ax.plot(*zip(*sorted(pts), strict=True), marker="o", label=op)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("N (items per list), k = N // 2")
+        ax.set_ylabel("median ms per step (fwd + loss + bwd)")
+        ax.set_title(f"batch {batch}, {cfg.device}, {cfg.dtype}, {torch.get_num_threads()} threads")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+__all__ = ["ALL_OPERATORS", "OperatorBenchConfig", "official_dftopk_logits", "reference_neural_sort",
+           "run_operator_bench"]

@@ -1,0 +1,43 @@
+"""The operator benchmark runs end to end on a tiny grid and writes valid JSON and a PNG (no timing checks)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from cascadelab.operators import dftopk_logits, neural_sort
+from cascadelab.platform.bench.operators import (
+    ALL_OPERATORS,
+    OperatorBenchConfig,
+    official_dftopk_logits,
+    reference_neural_sort,
+    run_operator_bench,
+)
+
+
+def test_tiny_run_writes_json_and_png(tmp_path):
+    cfg = OperatorBenchConfig(sizes=(5, 40), batch_sizes=(1, 3), warmup=1, steps=2,
+                              max_quadratic_bytes=3 * 40 * 40 * 4 - 1)  # forces one recorded skip
+    report = run_operator_bench(cfg, tmp_path)
+    data = json.loads((tmp_path / "operators.json").read_text())
+    assert data == json.loads(json.dumps(report))
+    png = (tmp_path / "operators.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = data["results"]
+    assert len(rows) == 2 * 2 * len(ALL_OPERATORS)
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert all(r["median_ms"] > 0 and r["steps"] >= 2 for r in ok)
+    skipped = [r for r in rows if r["status"].startswith("skipped:")]
+    assert {r["operator"] for r in skipped} <= {"softsort", "neuralsort", "neuralsort-reference-style", "diffsort"}
+    assert skipped and all(r["batch"] == 3 and r["n"] == 40 for r in skipped)
+    assert data["meta"]["torch"] == torch.__version__ and data["meta"]["threads"] >= 1
+    assert "dftopk_over_floor_b3_n1000" in data["ratios"]
+    mem = data["memory"]["rows"]
+    assert mem and all(r["saved_bytes_operator"] > 0 for r in mem)
+
+
+def test_baselines_agree_with_the_library():
+    s = torch.randn(4, 30, dtype=torch.float64)
+    torch.testing.assert_close(official_dftopk_logits(s, 7, 2.0), dftopk_logits(s, 7, 2.0))
+    torch.testing.assert_close(reference_neural_sort(s, 0.5), neural_sort(s, 0.5))
