@@ -28,12 +28,12 @@ def check_scores(scores: object, name: str = "scores") -> Tensor:
     """
     _check_tensor_layout(scores, name)
     assert isinstance(scores, Tensor)
-    with torch.no_grad():
-        if scores.numel() < _EXTREMA_CHECK_MIN:
-            finite = torch.isfinite(scores).all()
-        else:
-            finite = torch.isfinite(scores.amin()) & torch.isfinite(scores.amax())
-    if not bool(finite):
+    d = scores.detach()
+    if d.numel() < _EXTREMA_CHECK_MIN:
+        finite = torch.isfinite(d).all()
+    else:
+        finite = torch.isfinite(d.amin()) & torch.isfinite(d.amax())
+    if not finite:
         raise ValueError(f"'{name}' contains NaN or inf")
     return scores
 

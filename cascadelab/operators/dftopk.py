@@ -11,8 +11,9 @@ scatter (:class:`_DFTopKFunction`).
 Selection (``_kth_pair``) has two exact strategies:
 
 * small problems, or non-CPU devices: one ``torch.kthvalue`` for x_(k+1) plus a masked min for x_(k)
-  (``torch.topk`` when k differs between rows; two ``kthvalue`` calls below 4096 elements, where kernel
-  launches, not elements, cost the time);
+  (``torch.topk`` when k differs between rows). Below 4096 elements (no mask, int k) kernel launches,
+  not elements, cost the time: there the logits are composed from two ``kthvalue`` calls with plain
+  autograd (the fewest kernels; same math and gradient);
 * large CPU problems (>= 2**18 elements): a vectorised threshold search (``_pair_search``). Each step
   costs one ``sign(x - t)`` pass and a row sum (the count of items above t); t starts at a Gaussian
   quantile of the row, takes one Newton step, then Illinois regula falsi on the counts, on a shrinking
@@ -76,6 +77,8 @@ def dftopk(scores: Tensor, k: int | Tensor, tau: float, mask: Tensor | None = No
     k = check_k(k, scores, "k")
     tau = check_positive(tau, "tau")
     mask = check_mask(mask, scores, "mask")
+    if mask is None and isinstance(k, int) and k < scores.shape[-1] and scores.numel() <= _TWO_KTHVALUE_MAX:
+        return torch.sigmoid(_tiny_logits(scores, k, tau))
     return _DFTopKFunction.apply(scores, k, tau, mask, True)
 
 
@@ -89,7 +92,20 @@ def dftopk_logits(scores: Tensor, k: int | Tensor, tau: float, mask: Tensor | No
     k = check_k(k, scores, "k")
     tau = check_positive(tau, "tau")
     mask = check_mask(mask, scores, "mask")
+    if mask is None and isinstance(k, int) and k < scores.shape[-1] and scores.numel() <= _TWO_KTHVALUE_MAX:
+        return _tiny_logits(scores, k, tau)
     return _DFTopKFunction.apply(scores, k, tau, mask, False)
+
+
+def _tiny_logits(scores: Tensor, k: int, tau: float) -> Tensor:
+    """Launch-bound regime (<= 4096 elements): two kthvalue calls with autograd are the fewest kernels.
+
+    Same math and same gradient (kthvalue routes it to the selected item) as :class:`_DFTopKFunction`.
+    """
+    n = scores.shape[-1]
+    kth = torch.kthvalue(scores, n - k + 1, dim=-1, keepdim=True).values  # k-th largest
+    nxt = torch.kthvalue(scores, n - k, dim=-1, keepdim=True).values  # (k+1)-th largest
+    return (scores - (kth + nxt) * 0.5) / tau
 
 
 class _DFTopKFunction(torch.autograd.Function):

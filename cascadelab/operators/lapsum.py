@@ -52,15 +52,21 @@ class _LapSumTopK(torch.autograd.Function):
         shape, n = scores.shape, scores.shape[-1]
         cdtype = torch.float32 if scores.dtype in (torch.float16, torch.bfloat16) else scores.dtype
         y = scores.reshape(-1, n).to(cdtype) / alpha
-        kk = k.reshape(-1, 1).to(cdtype) if isinstance(k, Tensor) else torch.full_like(y[:, :1], float(k))
-        full = kk >= n  # (B, 1): every item selected
-        kk = torch.where(full, torch.full_like(kk, n - 0.5), kk)
-        t = _solve_threshold(y, kk)  # (B, 1)
-        d = y - t
-        half_exp = 0.5 * torch.exp(-d.abs())
-        p = torch.where(d > 0, 1.0 - half_exp, half_exp)
-        p = torch.where(full, torch.ones_like(p), p)
-        ctx.save_for_backward(half_exp, full)
+        if isinstance(k, Tensor):
+            kk = k.reshape(-1, 1).to(cdtype)
+            full = kk >= n  # (B, 1): every item selected
+            full = full if bool(full.any()) else None
+            if full is not None:
+                kk = torch.where(full, torch.full_like(kk, n - 0.5), kk)
+        else:
+            full = None if k < n else torch.ones_like(y[:, :1], dtype=torch.bool)
+            kk = torch.full_like(y[:, :1], float(k) if k < n else n - 0.5)
+        d = y.sub_(_solve_threshold(y, kk))  # d = y - t, in place
+        f = d.abs().neg_().exp_().mul_(0.5)  # F'(d) = exp(-|d|) / 2, also F(d) for d <= 0
+        p = torch.where(d > 0, 1.0 - f, f)
+        if full is not None:
+            p.masked_fill_(full, 1.0)
+        ctx.save_for_backward(f, full)
         ctx.alpha, ctx.shape = alpha, shape
         return p.to(scores.dtype).reshape(shape)
 
@@ -68,10 +74,10 @@ class _LapSumTopK(torch.autograd.Function):
     def backward(ctx, grad_out):
         f, full = ctx.saved_tensors  # f = F'(d) = exp(-|d|) / 2
         g = grad_out.reshape(f.shape).to(f.dtype)
-        fs = f.sum(1, keepdim=True)
-        gbar = (g * f).sum(1, keepdim=True) / fs.clamp_min(torch.finfo(f.dtype).tiny)
-        gx = f * (g - gbar) / ctx.alpha
-        gx = torch.where(full, torch.zeros_like(gx), gx)
+        gbar = (g * f).sum(1, keepdim=True) / f.sum(1, keepdim=True).clamp_min(torch.finfo(f.dtype).tiny)
+        gx = torch.sub(g, gbar).mul_(f).div_(ctx.alpha)  # f * (g - <q, g>) / alpha, q = f / sum(f)
+        if full is not None:
+            gx.masked_fill_(full, 0.0)
         return gx.to(grad_out.dtype).reshape(ctx.shape), None, None
 
 
@@ -80,12 +86,14 @@ def _solve_threshold(y: Tensor, k: Tensor) -> Tensor:
     n = y.shape[1]
     ys = torch.sort(y, dim=1).values  # ascending
     # log a_j = log sum_{i<=j} e^(y_i - y_j) in [0, log j];  log b_j = log sum_{i>j} e^(y_j - y_i)
-    log_a = torch.logcumsumexp(ys, dim=1) - ys
-    tail = torch.logcumsumexp(-ys.flip(1), dim=1).flip(1)  # log sum_{i>=j} e^-y_i
-    tail_next = torch.cat([tail[:, 1:], torch.full_like(tail[:, :1], -torch.inf)], 1)
-    log_b = ys + tail_next
-    j = torch.arange(1, n + 1, device=y.device, dtype=y.dtype)
-    g_at = 0.5 * torch.exp(log_a) + (n - j) - 0.5 * torch.exp(log_b)  # sum_i F(y_i - y_j), non-increasing
+    log_a = torch.logcumsumexp(ys, dim=1).sub_(ys)
+    tail = torch.logcumsumexp(ys.flip(1).neg_(), dim=1).flip(1)  # log sum_{i>=j} e^-y_i
+    log_b = torch.empty_like(ys)
+    torch.add(ys[:, :-1], tail[:, 1:], out=log_b[:, :-1])
+    log_b[:, -1] = -torch.inf
+    # sum_i F(y_i - y_j) = (a_j - b_j) / 2 + n - j, non-increasing in j
+    g_at = torch.sub(torch.exp(log_a), torch.exp(log_b)).mul_(0.5)
+    g_at += torch.arange(n - 1, -1, -1, device=y.device, dtype=y.dtype)
     m = (g_at >= k).sum(1, keepdim=True)  # t lies in [y_m, y_(m+1)); m = 0: left of y_1
     ref = (m - 1).clamp_min(0)  # reference point p = y_max(m,1) (0-based index)
     p = ys.gather(1, ref)

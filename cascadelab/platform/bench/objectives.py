@@ -256,11 +256,13 @@ def _plot(results: list[dict], cfg: ObjectiveBenchConfig, threads: int, path: Pa
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
-    for name in [MODEL_ONLY, *cfg.objectives]:
+    colors = plt.get_cmap("tab20").colors
+    for i, name in enumerate([MODEL_ONLY, *cfg.objectives]):
         pts = [(r["n"], r["median_ms"]) for r in results if r["objective"] == name and r["status"] == "ok"]
         if not pts:
             continue
-        style = dict(marker="o", linestyle="--" if name == MODEL_ONLY else "-", label=name)
+        style = dict(marker="o", linestyle="--" if name == MODEL_ONLY else "-", label=name,
+                     color=colors[i % len(colors)])
         axes[0].plot(*zip(*sorted(pts), strict=True), **style)
         rel = [(n, ms / b) for n, ms in pts if (b := _find(results, "bce", n))]
         if rel:
@@ -273,6 +275,7 @@ def _plot(results: list[dict], cfg: ObjectiveBenchConfig, threads: int, path: Pa
         ax.set_xlabel("N (candidates per request)")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_yscale("log")
+    axes[1].set_yscale("log")
     axes[0].set_title(f"DSSM -> DIN step, batch {cfg.batch}, L {cfg.seq_len}, {cfg.device}, {threads} threads")
     axes[1].set_title("ratio to bce (dotted: 1.3)")
     axes[1].legend(fontsize=7, ncol=2)

@@ -147,6 +147,7 @@ def _run(cfg: OperatorBenchConfig, out_dir: Path) -> dict:
         },
         "results": results,
         "ratios": _ratios(results, cfg),
+        "ratios_from_min": _ratios(results, cfg, "min_ms"),
     }
     if cfg.memory and "dftopk" in cfg.operators:
         report["memory"] = _dftopk_memory(cfg, device, dtype)
@@ -303,10 +304,10 @@ def reference_neural_sort(s: Tensor, tau: float) -> Tensor:
 # summaries
 
 
-def _find(results: list[dict], op: str, batch: int, n: int) -> float | None:
+def _find(results: list[dict], op: str, batch: int, n: int, stat: str = "median_ms") -> float | None:
     for r in results:
         if r["operator"] == op and r["batch"] == batch and r["n"] == n and r["status"] == "ok":
-            return r["median_ms"]
+            return r[stat]
     return None
 
 
@@ -314,26 +315,26 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
 
-def _ratios(results: list[dict], cfg: OperatorBenchConfig) -> dict:
-    """Median-based ratios; None where a case was not run."""
+def _ratios(results: list[dict], cfg: OperatorBenchConfig, stat: str = "median_ms") -> dict:
+    """Ratios of per-step times (``stat``: median_ms, or min_ms which is less sensitive to other load on a
+    shared machine); None where a case was not run."""
     big = max(cfg.batch_sizes)
     small = min(cfg.batch_sizes)
+
+    def f(op: str, b: int, n: int) -> float | None:
+        return _find(results, op, b, n, stat)
+
     out = {}
     for b in sorted({big, small}):
-        out[f"dftopk_over_floor_b{b}_n1000"] = _ratio(_find(results, "dftopk", b, 1000),
-                                                       _find(results, "floor", b, 1000))
-        out[f"official_over_dftopk_b{b}_n1000"] = _ratio(_find(results, "dftopk-official-style", b, 1000),
-                                                          _find(results, "dftopk", b, 1000))
-        out[f"dftopk_n10000_over_n1000_b{b}"] = _ratio(_find(results, "dftopk", b, 10000),
-                                                        _find(results, "dftopk", b, 1000))
-        out[f"floor_n10000_over_n1000_b{b}"] = _ratio(_find(results, "floor", b, 10000),
-                                                       _find(results, "floor", b, 1000))
-    ns = [n for n in cfg.sizes if _find(results, "neuralsort-reference-style", small, n) and
-          _find(results, "neuralsort", small, n)]
+        out[f"dftopk_over_floor_b{b}_n1000"] = _ratio(f("dftopk", b, 1000), f("floor", b, 1000))
+        out[f"official_over_dftopk_b{b}_n1000"] = _ratio(f("dftopk-official-style", b, 1000), f("dftopk", b, 1000))
+        out[f"dftopk_n10000_over_n1000_b{b}"] = _ratio(f("dftopk", b, 10000), f("dftopk", b, 1000))
+        out[f"floor_n10000_over_n1000_b{b}"] = _ratio(f("floor", b, 10000), f("floor", b, 1000))
+    ns = [n for n in cfg.sizes if f("neuralsort-reference-style", small, n) and f("neuralsort", small, n)]
     if ns:
         n = max(ns)
-        out[f"neuralsort_reference_over_ours_b{small}_n{n}"] = _ratio(
-            _find(results, "neuralsort-reference-style", small, n), _find(results, "neuralsort", small, n))
+        out[f"neuralsort_reference_over_ours_b{small}_n{n}"] = _ratio(f("neuralsort-reference-style", small, n),
+                                                                      f("neuralsort", small, n))
     return out
 
 

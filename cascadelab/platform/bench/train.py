@@ -1,7 +1,8 @@
 """Platform overhead of training: the full Ray Data + Ray Train path against a bare in-memory loop.
 
-Both sides train the same cascade (same model, objective, batch size, torch threads) on the same rows.
-The bare loop gets every batch pre-collated in memory (the floor: no I/O, no Ray); the Ray path reads
+Both sides train the same cascade (same model, objective, batch size, torch threads, CPU reservation) on
+the same rows. The bare loop gets every batch pre-collated in memory (the floor: no I/O, no Ray Data, no
+Ray Train; it runs as one Ray task so that its process environment matches a Train worker's); the Ray path reads
 Parquet through Ray Data into a Ray Train worker. Reported: steady-state samples/s of each (the Ray
 figure excludes each day's pipeline start-up, reported separately as end-to-end throughput), their
 ratio, and the 2-worker scaling efficiency = rate(2 workers) / (2 x rate(1 worker)).
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import statistics
 import tempfile
 import time
@@ -71,8 +71,10 @@ def bare_loop_rate(cfg, meta: DatasetMeta, days: list[str], threads: int) -> dic
 
 
 def run_train_bench(cfg: TrainBenchConfig, out_dir: Path) -> dict:
+    import ray
+
     from cascadelab.platform.runtime import ensure_ray
-    from cascadelab.platform.train.run import plan_days, run_training
+    from cascadelab.platform.train.run import plan_days, run_training, torch_threads
 
     out_dir = Path(out_dir)
     with tempfile.TemporaryDirectory() as tmp:
@@ -91,9 +93,12 @@ def run_train_bench(cfg: TrainBenchConfig, out_dir: Path) -> dict:
         base = config()
         meta = DatasetMeta.read(data)
         train_days, _ = plan_days(meta, base)
-        threads = max(1, os.cpu_count() or 1)
-        bare = bare_loop_rate(base, meta, train_days, threads)
+        threads = torch_threads(base)
         ensure_ray()
+        # the floor runs in a Ray task with the Train worker's CPU reservation and threads (same process
+        # environment, e.g. OMP_NUM_THREADS), minus Ray Data and Ray Train
+        bare = ray.get(ray.remote(num_cpus=base.train.cpus_per_worker)(bare_loop_rate).remote(
+            base, meta, train_days, threads))
         one = run_training(base)
         result = {
             "config": asdict(cfg), "threads": threads, "torch": torch.__version__,
