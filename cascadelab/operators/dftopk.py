@@ -11,9 +11,10 @@ scatter (:class:`_DFTopKFunction`).
 Selection (``_kth_pair``) has two exact strategies:
 
 * small problems, or non-CPU devices: one ``torch.kthvalue`` for x_(k+1) plus a masked min for x_(k)
-  (``torch.topk`` when k differs between rows). Below 4096 elements (no mask, int k) kernel launches,
-  not elements, cost the time: there the logits are composed from two ``kthvalue`` calls with plain
-  autograd (the fewest kernels; same math and gradient);
+  (``torch.topk`` when k differs between rows; a second ``kthvalue`` for rows of <= 128 items). Below
+  4096 elements or for rows of <= 128 items (no mask, int k) kernel launches, not elements, cost the
+  time: there the logits are composed from two ``kthvalue`` calls with plain autograd (the fewest
+  kernels; same math and gradient);
 * large CPU problems (>= 2**18 elements): a vectorised threshold search (``_pair_search``). Each step
   costs one ``sign(x - t)`` pass and a row sum (the count of items above t); t starts at a Gaussian
   quantile of the row, takes one Newton step, then Illinois regula falsi on the counts, on a shrinking
@@ -77,7 +78,7 @@ def dftopk(scores: Tensor, k: int | Tensor, tau: float, mask: Tensor | None = No
     k = check_k(k, scores, "k")
     tau = check_positive(tau, "tau")
     mask = check_mask(mask, scores, "mask")
-    if mask is None and isinstance(k, int) and k < scores.shape[-1] and scores.numel() <= _TWO_KTHVALUE_MAX:
+    if _use_composed(scores, k, mask):
         return torch.sigmoid(_tiny_logits(scores, k, tau))
     return _DFTopKFunction.apply(scores, k, tau, mask, True)
 
@@ -92,13 +93,19 @@ def dftopk_logits(scores: Tensor, k: int | Tensor, tau: float, mask: Tensor | No
     k = check_k(k, scores, "k")
     tau = check_positive(tau, "tau")
     mask = check_mask(mask, scores, "mask")
-    if mask is None and isinstance(k, int) and k < scores.shape[-1] and scores.numel() <= _TWO_KTHVALUE_MAX:
+    if _use_composed(scores, k, mask):
         return _tiny_logits(scores, k, tau)
     return _DFTopKFunction.apply(scores, k, tau, mask, False)
 
 
+def _use_composed(scores: Tensor, k: int | Tensor, mask: Tensor | None) -> bool:
+    n = scores.shape[-1]
+    return mask is None and isinstance(k, int) and k < n and (scores.numel() <= _TWO_KTHVALUE_MAX or n <= 128)
+
+
 def _tiny_logits(scores: Tensor, k: int, tau: float) -> Tensor:
-    """Launch-bound regime (<= 4096 elements): two kthvalue calls with autograd are the fewest kernels.
+    """Launch-bound regime (<= 4096 elements or rows <= 128 items): two kthvalue calls with plain autograd
+    are the fewest kernels and beat the custom Function's fixed overhead.
 
     Same math and same gradient (kthvalue routes it to the selected item) as :class:`_DFTopKFunction`.
     """
@@ -208,7 +215,7 @@ def _pair_direct(x: Tensor, k: int | Tensor) -> tuple[Tensor, Tensor, Tensor, Te
             v, i = vals.gather(1, pos), inds.gather(1, pos)
             return v[:, 0], i[:, 0], v[:, 1], i[:, 1]
         k = kmax
-    if x.numel() <= _TWO_KTHVALUE_MAX:  # tiny: fewest kernel launches
+    if x.numel() <= _TWO_KTHVALUE_MAX or n <= 128:  # tiny or short rows: a second kthvalue is cheapest
         vk, ik = torch.kthvalue(x, n - k + 1, dim=1)
         vk1, ik1 = torch.kthvalue(x, n - k, dim=1)
         return vk, ik, vk1, ik1
