@@ -33,6 +33,14 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="YAML file with config overrides")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key, e.g. --set objective.tau=100 (repeatable)")
+    add_skip_bad_files(p)
+
+
+def add_skip_bad_files(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--skip-bad-files", dest="overrides", action="append_const", const="data.skip_bad_files=true",
+                   help="check every data file first and skip bad ones (corrupt, wrong schema, ids outside "
+                        "the vocabulary, NaN labels) instead of stopping; they are logged, counted and the "
+                        "count is logged to MLflow (data_skipped_files)")
 
 
 def standalone(add_parser: Callable[[argparse._SubParsersAction], None], name: str) -> int:

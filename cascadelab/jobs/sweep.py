@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from cascadelab.jobs.common import standalone
+from cascadelab.jobs.common import add_skip_bad_files, standalone
 
 TABLE_METRICS = ("joint_recall", "ranking_recall", "retrieval_recall")
 
@@ -26,6 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", help="sweep name (default: the config's 'name', else the file's stem)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the sweep's base config, e.g. --set data.path=/data/recflow (repeatable)")
+    add_skip_bad_files(p)
     p.set_defaults(func=main)
 
 

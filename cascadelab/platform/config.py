@@ -32,6 +32,7 @@ class DataConfig:
     sample_num: int = 0  # in-batch negatives appended per request for training (DFTopK's --sample_num)
     eval_sample_num: int = 0  # ... for evaluation: 0 = LCRON protocol (40 logged), 160 = DFTopK (200 pool)
     max_rows_per_day: int | None = None  # cap rows read per day (quick runs); None: all rows
+    skip_bad_files: bool = False  # validate every file first; skip (log, count) bad ones instead of stopping
 
 
 @dataclass

@@ -55,11 +55,16 @@ def day_files(root: str | Path, day: str, mode: str, groups: tuple[str, ...]) ->
 
 
 def read_day(root: str | Path, day: str, meta: DatasetMeta, groups: tuple[str, ...],
-             max_rows: int | None = None):
-    """A Ray Dataset of one day, projected to the columns a cascade over ``groups`` needs."""
+             max_rows: int | None = None, files: list[str] | None = None):
+    """A Ray Dataset of one day, projected to the columns a cascade over ``groups`` needs.
+
+    ``files``: the day's files to read (e.g. those that passed ``validate.validate_days``); default: all,
+    after a schema check.
+    """
     import ray.data
 
-    files = day_files(root, day, meta.mode, groups)
+    if files is None:
+        files = day_files(root, day, meta.mode, groups)
     ds = ray.data.read_parquet(files, columns=columns_for(groups), partitioning=None)
     if max_rows is not None:
         ds = ds.limit(max_rows)

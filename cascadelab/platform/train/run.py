@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import sys
 import tempfile
 import time
+import traceback
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,7 @@ from cascadelab.platform.cluster.storage import check_storage_path
 from cascadelab.platform.config import CascadeConfig, ConfigError, flatten
 from cascadelab.platform.data.ingest import day_files, read_day
 from cascadelab.platform.data.schema import DataError, DatasetMeta, groups_for
+from cascadelab.platform.data.validate import find_bad_file, validate_days
 from cascadelab.platform.runtime import decide_use_gpu, ensure_ray
 from cascadelab.platform.tracking import (
     check_tracking_uri,
@@ -145,8 +148,9 @@ def run_training(cfg: CascadeConfig, resume: str | None = None, tags: dict[str, 
     meta = DatasetMeta.read(cfg.data.path)
     train_days, eval_day = plan_days(meta, cfg)
     groups = cascade_groups(meta, len(cfg.stages))
-    for day in [*train_days, eval_day]:  # fail before any Ray work, naming the file and column
-        day_files(cfg.data.path, day, meta.mode, groups)
+    if not cfg.data.skip_bad_files:
+        for day in [*train_days, eval_day]:  # fail before any Ray work, naming the file and column
+            day_files(cfg.data.path, day, meta.mode, groups)
     storage = resolve_storage_path(cfg.train.storage_path)
     uri = resolve_tracking_uri(cfg.tracking.uri)
     check_tracking_uri(uri)
@@ -159,6 +163,12 @@ def run_training(cfg: CascadeConfig, resume: str | None = None, tags: dict[str, 
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     check_cpu_budget(cfg, ray.cluster_resources().get("CPU", 0.0))
+    checked = None
+    if cfg.data.skip_bad_files:  # every file decoded and checked once, as Ray tasks; bad ones dropped
+        checked = validate_days(cfg.data.path, [*train_days, eval_day], meta, groups)
+        if checked.skipped:
+            log.warning("skipping %d bad file(s) of %s: %s", checked.skipped, cfg.data.path,
+                        "; ".join(checked.bad.values()))
     use_gpu = decide_use_gpu(cfg.train.use_gpu)
     run_name = resume or run_name or unique_run_name(cfg.tracking.run_name or cfg.objective.name)
     cfg.tracking.uri = uri
@@ -174,10 +184,17 @@ def run_training(cfg: CascadeConfig, resume: str | None = None, tags: dict[str, 
                                  "cascadelab.dataset": str(Path(cfg.data.path).resolve()), **(tags or {})})
         log_text(uri, run_id, yaml.safe_dump(resolved, sort_keys=False), "config.yaml")
     log.info("MLflow run %s (%s) in %s", run_name, run_id, uri)
+    if checked is not None:
+        log_metrics(uri, run_id, {"data_skipped_files": float(checked.skipped)})
+        if checked.skipped:
+            log_text(uri, run_id, json.dumps(checked.bad, indent=2), "skipped_files.json")
 
-    datasets = {f"train-{d}": read_day(cfg.data.path, d, meta, groups, cfg.data.max_rows_per_day)
+    def files(day: str) -> list[str] | None:
+        return None if checked is None else checked.good[day]
+
+    datasets = {f"train-{d}": read_day(cfg.data.path, d, meta, groups, cfg.data.max_rows_per_day, files(d))
                 for d in train_days}
-    datasets["eval"] = read_day(cfg.data.path, eval_day, meta, groups, cfg.data.max_rows_per_day)
+    datasets["eval"] = read_day(cfg.data.path, eval_day, meta, groups, cfg.data.max_rows_per_day, files(eval_day))
     resources = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     threads = torch_threads(cfg)
     ordered = ExecutionOptions(preserve_order=True)  # deterministic batches: exact mid-day resume
@@ -205,8 +222,11 @@ def run_training(cfg: CascadeConfig, resume: str | None = None, tags: dict[str, 
     except BaseException as exc:
         end_run(uri, run_id, "FAILED")
         message = worker_data_error(exc)
-        if message:  # bad data found by a worker: one line for the user, not a remote traceback
-            raise DataError(message) from None
+        if message or _is_read_error(exc):  # bad data met by a worker: one line naming the file
+            culprit = find_bad_file(cfg.data.path, _days_first(message, [*train_days, eval_day]), meta, groups,
+                                    ignore=set(checked.bad) if checked is not None else frozenset())
+            if culprit or message:
+                raise DataError(culprit or message) from None
         raise
     wall = time.perf_counter() - t0
     metrics = dict(result.return_value or {})
@@ -238,6 +258,18 @@ def worker_data_error(exc: BaseException) -> str | None:
         stack += [x for x in (e.__cause__, e.__context__) if x is not None]
         stack += [x for x in getattr(e, "worker_failures", {}).values() if isinstance(x, BaseException)]
     return None
+
+
+def _is_read_error(exc: BaseException) -> bool:
+    """Whether a training failure comes from Arrow/Parquet failing to read or decode a file."""
+    text = "".join(traceback.format_exception(exc))
+    return any(m in text for m in ("ArrowInvalid", "ArrowIOError", "Parquet", "parquet", "ArrowException"))
+
+
+def _days_first(message: str | None, days: list[str]) -> list[str]:
+    """``days`` with the ones named in ``message`` first (the worker's error names the day)."""
+    named = [d for d in days if message and f"'{d}'" in message]
+    return named + [d for d in days if d not in named]
 
 
 def log_streaming_plot(uri: str, run_id: str, train_days: list[str]) -> None:

@@ -359,6 +359,7 @@ def preflight(spec: SweepSpec) -> None:
     """Check every distinct dataset and day plan before Ray starts (a missing day fails here, once)."""
     from cascadelab.platform.data.ingest import day_files
     from cascadelab.platform.data.schema import DatasetMeta
+    from cascadelab.platform.data.validate import day_dir_files
     from cascadelab.platform.train.run import cascade_groups, plan_days
 
     seen = set()
@@ -371,7 +372,10 @@ def preflight(spec: SweepSpec) -> None:
         train_days, eval_day = plan_days(meta, cfg)
         groups = cascade_groups(meta, len(cfg.stages))
         for day in [*train_days, eval_day]:
-            day_files(cfg.data.path, day, meta.mode, groups)
+            if cfg.data.skip_bad_files:  # each trial validates the files and skips bad ones
+                day_dir_files(cfg.data.path, day)
+            else:
+                day_files(cfg.data.path, day, meta.mode, groups)
 
 
 def _progress_callback(name: str):

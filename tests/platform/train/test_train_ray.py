@@ -133,3 +133,58 @@ def test_unreachable_tracking_server_fails_fast(tiny_dataset, tmp_path):
     with pytest.raises(ConfigError, match="MLflow tracking server 'http://127.0.0.1:9' is not reachable"):
         run_training(load_config(None, [f"data.path={tiny_dataset}", "tracking.uri=http://127.0.0.1:9"]))
     assert time.perf_counter() - t0 < 10
+
+
+@pytest.fixture(scope="module")
+def two_file_dataset(tmp_path_factory):
+    from cascadelab.platform.data.synthetic import SyntheticConfig, generate
+
+    root = tmp_path_factory.mktemp("twofile") / "ds"
+    generate(SyntheticConfig(days=3, requests_per_day=192, rows_per_file=96, seed=7), root)
+    return root
+
+
+def _with_bad_ids(src, dst):
+    """A copy of ``src`` whose second file of the first day has an author_id outside the vocabulary."""
+    import shutil
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shutil.copytree(src, dst)
+    path = sorted((dst / "day=2024-01-13").glob("*.parquet"))[1]
+    table = pq.read_table(path)
+    items = np.stack(table.column("rank_neg_items").to_numpy(zero_copy_only=False)).reshape(-1, 80)
+    items[5, 1] = 10**6
+    col = pa.FixedSizeListArray.from_arrays(pa.array(items.reshape(-1)), 80)
+    pq.write_table(table.set_column(table.schema.get_field_index("rank_neg_items"), "rank_neg_items", col), path)
+    return path
+
+
+def test_bad_file_met_by_a_worker_is_named(env, two_file_dataset, tmp_path, ray_local):
+    from cascadelab.platform.train.run import run_training
+
+    bad = _with_bad_ids(two_file_dataset, tmp_path / "ds")
+    with pytest.raises(DataError) as info:
+        run_training(_cfg(tmp_path / "ds", env["uri"], env["storage"], "train.max_failures=0"))
+    assert str(info.value).startswith(f"'{bad}': field 'author_id' has id 1000000 outside the vocabulary")
+
+
+def test_skip_bad_files_trains_on_the_rest_and_logs_the_count(env, two_file_dataset, tmp_path, ray_local):
+    from cascadelab.platform.train.run import run_training
+
+    bad = _with_bad_ids(two_file_dataset, tmp_path / "ds")
+    truncated = sorted((tmp_path / "ds" / "day=2024-01-14").glob("*.parquet"))[0]
+    truncated.write_bytes(truncated.read_bytes()[:500])
+    result = run_training(_cfg(tmp_path / "ds", env["uri"], env["storage"], "data.skip_bad_files=true"))
+    assert result.metrics["train_rows"] == 192 + 192 - 96 - 96  # two of four training files skipped
+    client = mlflow.MlflowClient(env["uri"])
+    run = client.get_run(result.run_id)
+    assert run.data.metrics["data_skipped_files"] == 2 and run.info.status == "FINISHED"
+    local = client.download_artifacts(result.run_id, "skipped_files.json", str(tmp_path))
+    import json
+
+    reasons = json.loads(open(local).read())
+    assert set(reasons) == {str(bad), str(truncated)}
+    assert "field 'author_id'" in reasons[str(bad)] and "not a readable Parquet file" in reasons[str(truncated)]
