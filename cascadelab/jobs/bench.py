@@ -2,7 +2,9 @@
 
 Suites: ``operators`` (soft top-K / sort operators, the DFTopK paper's runtime protocol extended to
 batch 1024 and N = 10,000), ``objectives`` (one training step per cascade objective as N grows) and
-``train`` (Ray Data + Ray Train throughput against a bare in-memory loop; 2-worker scaling).
+``train`` (Ray Data + Ray Train throughput against a bare in-memory loop; 2-worker scaling) and
+``ingest`` (rows/s the Ray Data pipeline delivers per Train worker, against a plain PyArrow read and
+against the training step's own rate; peak RSS).
 Ratios inside one JSON are measured side by side in the same process, so they survive a noisy machine.
 """
 
@@ -26,16 +28,18 @@ log = logging.getLogger(__name__)
 
 
 def _suites() -> dict[str, tuple[type, Callable[..., dict]]]:
+    from cascadelab.platform.bench.ingest import IngestBenchConfig, run_ingest_bench
     from cascadelab.platform.bench.objectives import ObjectiveBenchConfig, run_objective_bench
     from cascadelab.platform.bench.operators import OperatorBenchConfig, run_operator_bench
     from cascadelab.platform.bench.train import TrainBenchConfig, run_train_bench
 
     return {"operators": (OperatorBenchConfig, run_operator_bench),
             "objectives": (ObjectiveBenchConfig, run_objective_bench),
-            "train": (TrainBenchConfig, run_train_bench)}
+            "train": (TrainBenchConfig, run_train_bench),
+            "ingest": (IngestBenchConfig, run_ingest_bench)}
 
 
-SUITES = ("operators", "objectives", "train")
+SUITES = ("operators", "objectives", "train", "ingest")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -33,3 +33,17 @@ def test_missing_data_dir_is_one_line(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"cascadelab: error: data directory '{tmp_path / 'none'}' does not exist; create one with "
         f"`cascadelab generate --out {tmp_path / 'none'}`"]
+
+
+def test_generate_options_and_bad_vocab(tmp_path, capsys):
+    import json
+
+    from cascadelab.cli import main
+
+    out = tmp_path / "g"
+    assert main(["generate", "--out", str(out), "--days", "1", "--requests-per-day", "64", "--rows-per-file", "16",
+                 "--vocab", "video_id=3000", "--popularity-skew", "1.2", "--no-parallel"]) == 0
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["vocab"]["video_id"] == 3000 and len(list((out / "day=2024-01-13").glob("*.parquet"))) == 4
+    assert main(["generate", "--out", str(tmp_path / "h"), "--vocab", "colour=3"]) == 2
+    assert "--vocab colour=3: expected FIELD=N with FIELD one of user_id" in capsys.readouterr().err

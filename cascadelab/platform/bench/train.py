@@ -42,8 +42,10 @@ class TrainBenchConfig:
     seed: int = 0
 
 
-def bare_loop_rate(cfg, meta: DatasetMeta, days: list[str], threads: int) -> dict[str, float]:
-    """Samples/s of a single-process loop over pre-collated in-memory batches (first step excluded)."""
+def bare_loop_rate(cfg, meta: DatasetMeta, days: list[str], threads: int,
+                   max_batches: int | None = None) -> dict[str, float]:
+    """Samples/s of a single-process loop over pre-collated in-memory batches (first step excluded);
+    ``max_batches``: stop after that many batches."""
     from cascadelab.platform.train.loop import build_cascade
 
     groups = groups_for("two_stage")
@@ -52,6 +54,10 @@ def bare_loop_rate(cfg, meta: DatasetMeta, days: list[str], threads: int) -> dic
         table = pq.read_table(day_files(cfg.data.path, day, meta.mode, groups))
         for start in range(0, table.num_rows, cfg.data.batch_size):
             batches.append(CascadeBatch.from_dict(arrow_to_tensors(table.slice(start, cfg.data.batch_size), groups)))
+            if max_batches is not None and len(batches) >= max_batches:
+                break
+        if max_batches is not None and len(batches) >= max_batches:
+            break
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.train.seed)
     model = build_cascade(cfg, meta.vocab)
