@@ -18,11 +18,14 @@ Output: one row per request of the day (the de-duplicated request rows of all_st
   that the lookup misses is dropped from its slot (mask 0, zero features) and counted; the negative
   groups get constant grades; padded slots have mask 0, label 0 and zero features.
 
-Memory: one day at a time. all_stage is streamed record batch by record batch (only the needed columns
-are read); the behaviour dict is turned into the sequence columns and freed before the candidate dict
-is loaded; both are walked in chunks of requests into fixed-size numpy buffers. The pickles themselves
-must be loaded whole (that is the release format). Each day is written atomically by
-``synthetic.write_day`` and ``dataset.json`` is rewritten after every finished day.
+Memory: one day, one pickle and one chunk at a time. all_stage is streamed record batch by record batch
+(only the needed columns are read). The behaviour dict is walked in chunks of requests into the sequence
+columns, which are spilled to an Arrow IPC file beside the day's output, and freed before the candidate
+dict is loaded; that dict is walked chunk by chunk too, and each chunk (request columns, its sequence
+columns read back from the spill, its candidate columns) is appended to the day's Parquet files at once.
+So the peak is the larger pickle, loaded whole (that is the release format), plus a few chunks; the
+converted day is never held in memory. Each day is written atomically (``daywriter.DayWriter``: a
+temporary directory, then a rename) and ``dataset.json`` is rewritten after every finished day.
 
 The pickles are unpickled: only convert a release from a source you trust.
 """
@@ -48,6 +51,7 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from cascadelab.platform.data.daywriter import DayWriter
 from cascadelab.platform.data.schema import (
     ID_VOCAB_FIELDS,
     ITEM_FIELDS,
@@ -63,7 +67,6 @@ from cascadelab.platform.data.schema import (
     groups_for,
     stored_groups,
 )
-from cascadelab.platform.data.synthetic import write_day
 from cascadelab.platform.data.timefeat import local_time_features
 
 log = logging.getLogger(__name__)
@@ -335,9 +338,9 @@ def _fsl(values: np.ndarray, schema: pa.Schema, name: str) -> pa.FixedSizeListAr
     return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), type=schema.field(name).type)
 
 
-def _sequence_columns(seq_dict: dict, rids: list, path: Path, schema: pa.Schema, ids: _IdStats,
-                      chunk: int) -> tuple[list, list]:
-    items_out, mask_out = [], []
+def _sequence_chunks(seq_dict: dict, rids: list, path: Path, schema: pa.Schema, ids: _IdStats,
+                     chunk: int) -> Iterator[tuple[pa.Array, pa.Array]]:
+    """(seq_items, seq_mask) Arrow arrays for each chunk of ``rids``, in order."""
     for start in range(0, len(rids), chunk):
         part = rids[start:start + chunk]
         raw = np.zeros((len(part), SEQ_LEN, SEQ_WIDTH), np.int64)
@@ -359,9 +362,7 @@ def _sequence_columns(seq_dict: dict, rids: list, path: Path, schema: pa.Schema,
         for k, name in enumerate(SEQ_FIELDS):
             ids.update(name, feats[:, :, k][mask], path)
         feats = (feats + 1) * mask[:, :, None]
-        items_out.append(_fsl(feats, schema, "seq_items"))
-        mask_out.append(_fsl(mask.astype(np.int8), schema, "seq_mask"))
-    return items_out, mask_out
+        yield _fsl(feats, schema, "seq_items"), _fsl(mask.astype(np.int8), schema, "seq_mask")
 
 
 def _group_arrays(g: str, raw: np.ndarray, count: np.ndarray, base: int, lookups: dict[str, _Lookup],
@@ -394,10 +395,10 @@ def _group_arrays(g: str, raw: np.ndarray, count: np.ndarray, base: int, lookups
     return items, mask.astype(np.int8), label, misses
 
 
-def _candidate_columns(req_dict: dict, rids: list, path: Path, schema: pa.Schema, groups: tuple[str, ...],
-                       lookups: dict[str, _Lookup], ids: _IdStats, chunk: int) -> tuple[dict, dict]:
-    cols: dict[str, list] = {f"{g}_{k}": [] for g in groups for k in ("items", "mask", "label")}
-    misses = {g: 0 for g in groups if g in POS_INDEX}
+def _candidate_chunks(req_dict: dict, rids: list, path: Path, schema: pa.Schema, groups: tuple[str, ...],
+                      lookups: dict[str, _Lookup], ids: _IdStats, chunk: int,
+                      misses: dict[str, int]) -> Iterator[dict[str, pa.Array]]:
+    """The candidate-group columns of each chunk of ``rids``, in order; lookup misses added to ``misses``."""
     for start in range(0, len(rids), chunk):
         part = rids[start:start + chunk]
         raws = [np.zeros((len(part), SLOTS, CAND_WIDTH), np.int64) for _ in groups]
@@ -425,59 +426,78 @@ def _candidate_columns(req_dict: dict, rids: list, path: Path, schema: pa.Schema
             where = f"request_id {rid} stage '{g}'" if g else f"request_id {rid}"
             raise DataError(f"'{path}': {where}: expected a dict of integer arrays of shape "
                             f"[n, >= {CAND_WIDTH}]") from None
+        cols = {}
         for g, raw, cnt in spec:
             items, mask, label, miss = _group_arrays(g, raw, cnt, start, lookups, path, ids)
             if g in misses:
                 misses[g] += miss
-            cols[f"{g}_items"].append(_fsl(items, schema, f"{g}_items"))
-            cols[f"{g}_mask"].append(_fsl(mask, schema, f"{g}_mask"))
-            cols[f"{g}_label"].append(_fsl(label, schema, f"{g}_label"))
+            cols[f"{g}_items"] = _fsl(items, schema, f"{g}_items")
+            cols[f"{g}_mask"] = _fsl(mask, schema, f"{g}_mask")
+            cols[f"{g}_label"] = _fsl(label, schema, f"{g}_label")
         del raws, counts, spec
-    return cols, misses
+        yield cols
 
 
 @dataclass
 class DayResult:
-    table: pa.Table
+    rows: int
     misses: dict[str, int]
     conflicts: int
     max_ids: dict[str, int]
 
 
-def convert_day(layout: RecFlowLayout, day: str, mode: str, chunk: int = CHUNK) -> DayResult:
-    """One day of the release as an Arrow table in ``arrow_schema(mode)``; loads one pickle at a time."""
+SPILL_FILE = ".seq-spill.arrow"
+
+
+def convert_day(layout: RecFlowLayout, day: str, mode: str, writer: DayWriter, chunk: int = CHUNK) -> DayResult:
+    """Stream one day of the release into ``writer`` (rows in ``arrow_schema(mode)``), chunk by chunk.
+
+    Holds one pickle at a time plus one chunk: the sequence columns are spilled to an Arrow IPC file in
+    the writer's temporary directory while the behaviour dict is loaded, then read back chunk by chunk
+    beside the candidate dict; the caller commits the writer."""
     schema = arrow_schema(mode)
     groups = stored_groups(mode)
     ids = _IdStats()
     fpath = layout.all_stage(day)
     reqs, lookups, conflicts = read_all_stage(fpath, mode)
     rids = reqs["request_id"].tolist()
+    req_cols: dict[str, np.ndarray] = {"request_id": reqs["request_id"].to_numpy()}
+    for name in USER_COLUMNS:
+        v = reqs[name].to_numpy()
+        ids.update(name, v, fpath)
+        req_cols[name] = v + 1
+    ts = reqs["request_timestamp"].to_numpy()
+    wd, hr, mi = local_time_features(ts)
+    req_cols.update(request_ts=ts, req_weekday=wd + 1, req_hour=hr + 1, req_minute=mi + 1)
+    del reqs
 
     seq_path = layout.seq(day)
+    seq_schema = pa.schema([schema.field("seq_items"), schema.field("seq_mask")])
+    spill = writer.tmp / SPILL_FILE
     seq_dict = _load_pickle(seq_path, "a dict {request_id: int array [50, 10]}")
-    seq_items, seq_mask = _sequence_columns(seq_dict, rids, seq_path, schema, ids, chunk)
+    with ipc.new_file(str(spill), seq_schema) as sink:
+        for items, mask in _sequence_chunks(seq_dict, rids, seq_path, schema, ids, chunk):
+            sink.write_batch(pa.record_batch([items, mask], schema=seq_schema))
     del seq_dict
     gc.collect()
 
     req_path = layout.requests(day)
     req_dict = _load_pickle(req_path, "a dict {request_id: {stage: int array [n, 8]}}")
-    cand, misses = _candidate_columns(req_dict, rids, req_path, schema, groups, lookups, ids, chunk)
+    misses = {g: 0 for g in groups if g in POS_INDEX}
+    with pa.OSFile(str(spill)) as f:  # plain reads (not a memory map): each chunk's buffers are freed
+        reader = ipc.open_file(f)
+        cands = _candidate_chunks(req_dict, rids, req_path, schema, groups, lookups, ids, chunk, misses)
+        for i, cand in enumerate(cands):
+            start = i * chunk
+            seq_batch = reader.get_batch(i)
+            n = seq_batch.num_rows
+            cols = {name: pa.array(v[start:start + n]) for name, v in req_cols.items()}
+            cols.update(seq_items=seq_batch.column(0), seq_mask=seq_batch.column(1), **cand)
+            writer.write(pa.Table.from_pydict({fld.name: cols[fld.name] for fld in schema}, schema=schema))
+    spill.unlink()
     del req_dict, lookups
     gc.collect()
-
-    cols: dict[str, pa.Array | pa.ChunkedArray] = {"request_id": pa.array(reqs["request_id"].to_numpy())}
-    for name in USER_COLUMNS:
-        v = reqs[name].to_numpy()
-        ids.update(name, v, fpath)
-        cols[name] = pa.array(v + 1)
-    ts = reqs["request_timestamp"].to_numpy()
-    wd, hr, mi = local_time_features(ts)
-    cols.update(request_ts=pa.array(ts), req_weekday=pa.array(wd + 1), req_hour=pa.array(hr + 1),
-                req_minute=pa.array(mi + 1))
-    for name, parts in (("seq_items", seq_items), ("seq_mask", seq_mask), *cand.items()):
-        cols[name] = pa.chunked_array(parts, type=schema.field(name).type)
-    table = pa.Table.from_pydict({f.name: cols[f.name] for f in schema}, schema=schema)
-    return DayResult(table, misses, conflicts, dict(ids.max))
+    return DayResult(writer.rows, misses, conflicts, dict(ids.max))
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -566,10 +586,9 @@ def convert_recflow(src: str | Path, out: str | Path, days: list[str] | None = N
                          day, rows, day_dir(root, day))
                 continue
         t0 = time.perf_counter()
-        res = convert_day(layout, day, mode, chunk)
-        write_day(res.table, root, day, rows_per_file)
-        n = res.table.num_rows
-        del res.table
+        with DayWriter(root, day, arrow_schema(mode), rows_per_file) as writer:
+            res = convert_day(layout, day, mode, writer, chunk)
+            n = writer.commit()
         meta.days = sorted(set(meta.days) | {day})
         meta.rows_per_day = dict(sorted({**meta.rows_per_day, day: n}.items()))
         meta.vocab = _vocab(id_cnt, res.max_ids, meta.vocab)

@@ -273,20 +273,6 @@ def generate_chunk(cfg: SyntheticConfig, w: _World, day_index: int, day: str, ch
     return pa.Table.from_pydict(cols, schema=arrow_schema(cfg.mode))
 
 
-def write_day(table: pa.Table, root: Path, day: str, rows_per_file: int) -> None:
-    """Write one day atomically: a temporary directory, then a rename."""
-    final = day_dir(root, day)
-    tmp = root / f".tmp-day={day}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    for i, start in enumerate(range(0, max(table.num_rows, 1), rows_per_file)):
-        pq.write_table(table.slice(start, rows_per_file), tmp / f"part-{i:05d}.parquet")
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-
-
 def _write_chunk(cfg: SyntheticConfig, w: _World, day_index: int, day: str, chunk: int, n: int,
                  tmp: str) -> int:
     pq.write_table(generate_chunk(cfg, w, day_index, day, chunk, n), Path(tmp) / f"part-{chunk:05d}.parquet")

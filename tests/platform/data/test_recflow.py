@@ -200,10 +200,10 @@ def test_interrupted_run_leaves_finished_days_valid_and_resumes(src, tmp_path, m
     out = tmp_path / "o"
     real = recflow.convert_day
 
-    def interrupt_second_day(layout, day, mode, chunk=recflow.CHUNK):
+    def interrupt_second_day(layout, day, mode, writer, chunk=recflow.CHUNK):
         if day == DAYS[1]:
             raise KeyboardInterrupt
-        return real(layout, day, mode, chunk)
+        return real(layout, day, mode, writer, chunk)
 
     monkeypatch.setattr(recflow, "convert_day", interrupt_second_day)
     with pytest.raises(KeyboardInterrupt):
