@@ -4,7 +4,8 @@ Suites: ``operators`` (soft top-K / sort operators, the DFTopK paper's runtime p
 batch 1024 and N = 10,000), ``objectives`` (one training step per cascade objective as N grows) and
 ``train`` (Ray Data + Ray Train throughput against a bare in-memory loop; 2-worker scaling) and
 ``ingest`` (rows/s the Ray Data pipeline delivers per Train worker, against a plain PyArrow read and
-against the training step's own rate; peak RSS).
+against the training step's own rate; peak RSS) and ``convert`` (the RecFlow converter's peak RSS and
+speed on a release-layout day, extrapolated to a full day).
 Ratios inside one JSON are measured side by side in the same process, so they survive a noisy machine.
 """
 
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 
 def _suites() -> dict[str, tuple[type, Callable[..., dict]]]:
+    from cascadelab.platform.bench.convert import ConvertBenchConfig, run_convert_bench
     from cascadelab.platform.bench.ingest import IngestBenchConfig, run_ingest_bench
     from cascadelab.platform.bench.objectives import ObjectiveBenchConfig, run_objective_bench
     from cascadelab.platform.bench.operators import OperatorBenchConfig, run_operator_bench
@@ -36,10 +38,11 @@ def _suites() -> dict[str, tuple[type, Callable[..., dict]]]:
     return {"operators": (OperatorBenchConfig, run_operator_bench),
             "objectives": (ObjectiveBenchConfig, run_objective_bench),
             "train": (TrainBenchConfig, run_train_bench),
-            "ingest": (IngestBenchConfig, run_ingest_bench)}
+            "ingest": (IngestBenchConfig, run_ingest_bench),
+            "convert": (ConvertBenchConfig, run_convert_bench)}
 
 
-SUITES = ("operators", "objectives", "train", "ingest")
+SUITES = ("operators", "objectives", "train", "ingest", "convert")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

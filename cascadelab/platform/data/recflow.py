@@ -23,8 +23,11 @@ Memory: one day, one pickle and one chunk at a time. all_stage is streamed recor
 columns, which are spilled to an Arrow IPC file beside the day's output, and freed before the candidate
 dict is loaded; that dict is walked chunk by chunk too, and each chunk (request columns, its sequence
 columns read back from the spill, its candidate columns) is appended to the day's Parquet files at once.
-So the peak is the larger pickle, loaded whole (that is the release format), plus a few chunks; the
-converted day is never held in memory. Each day is written atomically (``daywriter.DayWriter``: a
+The behaviour dict is loaded whole with ``pickle.load`` (every row of it is used); the candidate dict,
+whose stage arrays hold ~200 rows per request of which the converter reads 10 per stage, is loaded by
+``slimpickle.load_trimmed``, which cuts every array to its first SLOTS rows while unpickling (and accepts
+NumPy arrays only). The converted day is never held in memory; ``cascadelab bench convert`` measures the
+peak and extrapolates it to a full day. Each day is written atomically (``daywriter.DayWriter``: a
 temporary directory, then a rename) and ``dataset.json`` is rewritten after every finished day.
 
 The pickles are unpickled: only convert a release from a source you trust.
@@ -32,6 +35,7 @@ The pickles are unpickled: only convert a release from a source you trust.
 
 from __future__ import annotations
 
+import ctypes
 import datetime as dt
 import gc
 import logging
@@ -67,6 +71,7 @@ from cascadelab.platform.data.schema import (
     groups_for,
     stored_groups,
 )
+from cascadelab.platform.data.slimpickle import load_trimmed
 from cascadelab.platform.data.timefeat import local_time_features
 
 log = logging.getLogger(__name__)
@@ -172,12 +177,16 @@ def select_days(layout: RecFlowLayout, days: list[str] | None = None, start: str
 # ---------------------------------------------------------------------------------------------- inputs
 
 
-def _load_pickle(path: Path, what: str):
+def _load_pickle(path: Path, what: str, max_rows: int | None = None):
+    """The pickled dict at ``path``; with ``max_rows``, loaded by ``slimpickle.load_trimmed`` (2-D arrays cut
+    to their first ``max_rows`` rows while loading, NumPy globals only)."""
     if not path.is_file():
         raise DataError(f"'{path}' is missing: expected {what}")
     try:
         with open(path, "rb") as f:
-            obj = pickle.load(f)
+            obj = pickle.load(f) if max_rows is None else load_trimmed(f, max_rows)
+    except DataError as exc:
+        raise DataError(f"'{path}': {exc}; expected {what}") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError,
             IndexError, KeyError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -449,6 +458,17 @@ class DayResult:
 SPILL_FILE = ".seq-spill.arrow"
 
 
+def _release_memory() -> None:
+    """Hand freed memory back to the OS between phases (Arrow's pool and glibc keep it otherwise), so that
+    the next pickle does not stack on top of the previous phase's garbage."""
+    gc.collect()
+    pa.default_memory_pool().release_unused()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
 def convert_day(layout: RecFlowLayout, day: str, mode: str, writer: DayWriter, chunk: int = CHUNK) -> DayResult:
     """Stream one day of the release into ``writer`` (rows in ``arrow_schema(mode)``), chunk by chunk.
 
@@ -470,6 +490,7 @@ def convert_day(layout: RecFlowLayout, day: str, mode: str, writer: DayWriter, c
     wd, hr, mi = local_time_features(ts)
     req_cols.update(request_ts=ts, req_weekday=wd + 1, req_hour=hr + 1, req_minute=mi + 1)
     del reqs
+    _release_memory()
 
     seq_path = layout.seq(day)
     seq_schema = pa.schema([schema.field("seq_items"), schema.field("seq_mask")])
@@ -479,10 +500,10 @@ def convert_day(layout: RecFlowLayout, day: str, mode: str, writer: DayWriter, c
         for items, mask in _sequence_chunks(seq_dict, rids, seq_path, schema, ids, chunk):
             sink.write_batch(pa.record_batch([items, mask], schema=seq_schema))
     del seq_dict
-    gc.collect()
+    _release_memory()
 
     req_path = layout.requests(day)
-    req_dict = _load_pickle(req_path, "a dict {request_id: {stage: int array [n, 8]}}")
+    req_dict = _load_pickle(req_path, "a dict {request_id: {stage: int array [n, 8]}}", max_rows=SLOTS)
     misses = {g: 0 for g in groups if g in POS_INDEX}
     with pa.OSFile(str(spill)) as f:  # plain reads (not a memory map): each chunk's buffers are freed
         reader = ipc.open_file(f)

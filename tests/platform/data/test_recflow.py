@@ -321,3 +321,22 @@ def test_chunking_does_not_change_the_output(release, converted, tmp_path, monke
     for day in DAYS:
         assert len(list(day_dir(tmp_path / "c", day).glob("*.parquet"))) == 4
         assert _table(tmp_path / "c", day).equals(_table(converted, day))
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_older_pickle_protocols_convert_identically(src, converted, tmp_path, protocol):
+    for sub in ("request_id_dict", "seq_effective_50_dict"):
+        for day in DAYS:
+            path = src / sub / f"{day}.pkl"
+            path.write_bytes(pickle.dumps(pickle.loads(path.read_bytes()), protocol=protocol))
+    convert_recflow(src, tmp_path / "p")
+    for day in DAYS:
+        assert _table(tmp_path / "p", day).equals(_table(converted, day))
+
+
+def test_candidate_pickle_with_foreign_objects_is_refused(src, tmp_path):
+    path = src / "request_id_dict" / f"{DAYS[0]}.pkl"
+    path.write_bytes(pickle.dumps({np.int64(1): {"rank_pos": pd.Timestamp("2024-01-01")}}))
+    with pytest.raises(DataError, match=r"request_id_dict/2024-01-13\.pkl': refers to 'pandas\..*', expected only "
+                                        r"NumPy arrays .*; expected a dict"):
+        convert_recflow(src, tmp_path / "o")
