@@ -241,29 +241,43 @@ def run_training(cfg: CascadeConfig, resume: str | None = None, tags: dict[str, 
     return TrainResult(run_id, run_name, uri, metrics, ckpt_path, wall)
 
 
-def worker_data_error(exc: BaseException) -> str | None:
-    """The message of a DataError raised inside a Ray worker, found in a wrapped training failure."""
-    seen = set()
-    stack = [exc]
+def _exception_chain(exc: BaseException) -> list[BaseException]:
+    """``exc``, its causes and contexts, and the per-worker errors of a Ray Train failure."""
+    seen, out, stack = set(), [], [exc]
     while stack:
         e = stack.pop()
         if id(e) in seen:
             continue
         seen.add(id(e))
+        out.append(e)
+        stack += [x for x in (e.__cause__, e.__context__) if x is not None]
+        stack += [x for x in getattr(e, "worker_failures", {}).values() if isinstance(x, BaseException)]
+    return out
+
+
+def worker_data_error(exc: BaseException) -> str | None:
+    """The message of a DataError raised inside a Ray worker, found in a wrapped training failure."""
+    for e in _exception_chain(exc):
         if isinstance(e, DataError):
             return str(e)
         for line in str(e).splitlines():
             if "DataError: " in line:
                 return line.split("DataError: ", 1)[1].strip()
-        stack += [x for x in (e.__cause__, e.__context__) if x is not None]
-        stack += [x for x in getattr(e, "worker_failures", {}).values() if isinstance(x, BaseException)]
     return None
 
 
+_READ_ERROR_MARKERS = ("ArrowInvalid", "ArrowIOError", "ArrowException", "OSError", "Parquet", "parquet",
+                       "ReadFiles", "ray.data", "ray/data")
+
+
 def _is_read_error(exc: BaseException) -> bool:
-    """Whether a training failure comes from Arrow/Parquet failing to read or decode a file."""
-    text = "".join(traceback.format_exception(exc))
-    return any(m in text for m in ("ArrowInvalid", "ArrowIOError", "Parquet", "parquet", "ArrowException"))
+    """Whether a training failure may come from Ray Data failing to read a file (then the files are
+    checked to name the bad one; nothing is reported when they are all good)."""
+    for e in _exception_chain(exc):
+        text = "".join(traceback.format_exception(e))
+        if any(m in text for m in _READ_ERROR_MARKERS):
+            return True
+    return False
 
 
 def _days_first(message: str | None, days: list[str]) -> list[str]:

@@ -162,13 +162,29 @@ def _with_bad_ids(src, dst):
     return path
 
 
-def test_bad_file_met_by_a_worker_is_named(env, two_file_dataset, tmp_path, ray_local):
+def _with_corrupt_page(src, dst):
+    """A copy of ``src`` whose second file of the second day has zeroed data pages (footer intact)."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    path = sorted((dst / "day=2024-01-14").glob("*.parquet"))[1]
+    data = bytearray(path.read_bytes())
+    data[300:5000] = bytes(4700)
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_with_bad_ids, "field 'author_id' has id 1000000 outside the vocabulary"),  # seen by the collate
+    (_with_corrupt_page, "not a readable Parquet file"),  # seen by a Ray Data read task
+])
+def test_bad_file_met_by_a_worker_is_named(env, two_file_dataset, tmp_path, ray_local, damage, message):
     from cascadelab.platform.train.run import run_training
 
-    bad = _with_bad_ids(two_file_dataset, tmp_path / "ds")
+    bad = damage(two_file_dataset, tmp_path / "ds")
     with pytest.raises(DataError) as info:
         run_training(_cfg(tmp_path / "ds", env["uri"], env["storage"], "train.max_failures=0"))
-    assert str(info.value).startswith(f"'{bad}': field 'author_id' has id 1000000 outside the vocabulary")
+    assert str(info.value).startswith(f"'{bad}': {message}")
 
 
 def test_skip_bad_files_trains_on_the_rest_and_logs_the_count(env, two_file_dataset, tmp_path, ray_local):
