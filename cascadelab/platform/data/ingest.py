@@ -20,11 +20,9 @@ from ray.data.collate_fn import ArrowBatchCollateFn
 
 from cascadelab.platform.data.schema import (
     ITEM_FIELDS,
-    METADATA_FILE,
     SEQ_FIELDS,
     SEQ_LEN,
     SLOTS,
-    TIME_VOCAB,
     USER_FIELDS,
     DataError,
     DatasetMeta,
@@ -32,6 +30,9 @@ from cascadelab.platform.data.schema import (
     check_table_schema,
     columns_for,
     day_dir,
+    id_high,
+    id_range_error,
+    label_error,
 )
 
 
@@ -106,7 +107,7 @@ def arrow_to_tensors(table: pa.Table, groups: tuple[str, ...]) -> dict[str, torc
 
 def _highs(vocab: dict[str, int], fields: tuple[str, ...]) -> torch.Tensor:
     """Largest valid stored id per field (ids are 1..V, 0 = padding)."""
-    return torch.tensor([TIME_VOCAB.get(f, vocab.get(f, 0)) for f in fields], dtype=torch.int64)
+    return torch.tensor([id_high(vocab, f) for f in fields], dtype=torch.int64)
 
 
 def check_tensors(tensors: dict[str, torch.Tensor], vocab: dict[str, int], source: str) -> None:
@@ -115,15 +116,13 @@ def check_tensors(tensors: dict[str, torch.Tensor], vocab: dict[str, int], sourc
         x = tensors[key].reshape(-1, len(fields))
         if x.numel() == 0:
             continue
-        hi, lo = x.max(0).values, x.min(0).values
-        bad = (hi > _highs(vocab, fields)) | (lo < 0)
+        hi, lo, top = x.max(0).values, x.min(0).values, _highs(vocab, fields)
+        bad = (hi > top) | (lo < 0)
         if bad.any():
             i = int(bad.nonzero()[0, 0])
-            value = int(hi[i]) if hi[i] > _highs(vocab, fields)[i] else int(lo[i])
-            raise DataError(f"{source}: field '{fields[i]}' has id {value} outside the vocabulary "
-                            f"(expected 0..{int(_highs(vocab, fields)[i])}; see 'vocab' in {METADATA_FILE})")
+            raise id_range_error(source, fields[i], int(hi[i]) if hi[i] > top[i] else int(lo[i]), int(top[i]))
     if not torch.isfinite(tensors["label"]).all():
-        raise DataError(f"{source}: field '<group>_label' holds NaN or inf (expected finite graded labels)")
+        raise label_error(source, "<group>_label")
 
 
 class ArrowToTorch(ArrowBatchCollateFn):

@@ -136,6 +136,20 @@ class DatasetMeta:
         return meta
 
 
+def id_high(vocab: dict[str, int], name: str) -> int:
+    """Largest valid stored id of a field (ids are 1..V after the +1 shift, 0 = padding)."""
+    return TIME_VOCAB.get(name, vocab.get(name, 0))
+
+
+def id_range_error(where: str, name: str, value: int, high: int) -> DataError:
+    return DataError(f"{where}: field '{name}' has id {value} outside the vocabulary "
+                     f"(expected 0..{high}; see 'vocab' in {METADATA_FILE})")
+
+
+def label_error(where: str, name: str) -> DataError:
+    return DataError(f"{where}: field '{name}' holds NaN or inf (expected finite graded labels)")
+
+
 def day_dir(root: str | Path, day: str) -> Path:
     return Path(root) / f"day={day}"
 

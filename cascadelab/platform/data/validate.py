@@ -26,9 +26,7 @@ import pyarrow.parquet as pq
 
 from cascadelab.platform.data.schema import (
     ITEM_FIELDS,
-    METADATA_FILE,
     SEQ_FIELDS,
-    TIME_VOCAB,
     USER_FIELDS,
     DataError,
     DatasetMeta,
@@ -36,6 +34,9 @@ from cascadelab.platform.data.schema import (
     check_table_schema,
     columns_for,
     day_dir,
+    id_high,
+    id_range_error,
+    label_error,
 )
 
 log = logging.getLogger(__name__)
@@ -53,22 +54,15 @@ class DayFiles:
         return len(self.bad)
 
 
-def _high(vocab: dict[str, int], name: str) -> int:
-    """Largest valid stored id of a field (ids are 1..V after the +1 shift, 0 = padding)."""
-    return TIME_VOCAB.get(name, vocab.get(name, 0))
-
-
 def _check_ids(path: str, values: np.ndarray, fields: tuple[str, ...], vocab: dict[str, int]) -> None:
     """``values``: [rows, len(fields)]; raise DataError on the first field with an id out of range."""
     if values.size == 0:
         return
     hi, lo = values.max(axis=0), values.min(axis=0)
     for i, name in enumerate(fields):
-        top = _high(vocab, name)
+        top = id_high(vocab, name)
         if hi[i] > top or lo[i] < 0:
-            value = int(hi[i]) if hi[i] > top else int(lo[i])
-            raise DataError(f"'{path}': field '{name}' has id {value} outside the vocabulary "
-                            f"(expected 0..{top}; see 'vocab' in {METADATA_FILE})")
+            raise id_range_error(f"'{path}'", name, int(hi[i]) if hi[i] > top else int(lo[i]), top)
 
 
 def _flat(col: pa.ChunkedArray, width: int) -> np.ndarray:
@@ -93,7 +87,7 @@ def check_file(path: str | Path, mode: str, groups: tuple[str, ...], vocab: dict
                 _check_ids(path, _flat(table.column(f"{g}_items"), len(ITEM_FIELDS)), ITEM_FIELDS, vocab)
                 labels = _flat(table.column(f"{g}_label"), 1)
                 if not np.isfinite(labels).all():
-                    raise DataError(f"'{path}': field '{g}_label' holds NaN or inf (expected finite graded labels)")
+                    raise label_error(f"'{path}'", f"{g}_label")
     except DataError as exc:
         return str(exc)
     except (pa.ArrowException, OSError, ValueError) as exc:
