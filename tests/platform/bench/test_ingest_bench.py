@@ -12,12 +12,12 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 
 def test_two_workers_receive_every_row_once_and_results_are_written(tmp_path, ray_local):
-    cfg = IngestBenchConfig(requests=2048, rows_per_file=512, batch_size=256, workers=(2,), train_batches=2,
+    cfg = IngestBenchConfig(requests=1024, rows_per_file=256, batch_size=128, workers=(2,), train_batches=2,
                             sample_num=4)
     result = run_ingest_bench(cfg, tmp_path)
     two = result["ray_data_2_workers"]
-    assert two["rows"] == 2048 and len(two["rows_per_s_per_worker"]) == 2  # streaming_split: all rows, once
-    assert min(two["rows_per_s_per_worker"]) > 0 and result["pyarrow"]["rows"] == 2048
+    assert two["rows"] == 1024 and len(two["rows_per_s_per_worker"]) == 2  # streaming_split: all rows, once
+    assert min(two["rows_per_s_per_worker"]) > 0 and result["pyarrow"]["rows"] == 1024
     ratios = result["ratios"]
     assert ratios["ingest_over_train_step_2_workers"] > 0 and ratios["ingest_over_pyarrow_floor_2_workers"] > 0
     assert ratios["peak_rss_mib_pyarrow_floor"] > 0

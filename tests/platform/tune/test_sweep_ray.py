@@ -123,7 +123,8 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, tiny_d
     resumed = subprocess.run([*cmd, "--resume"], cwd=tmp_path, env=_env(), capture_output=True, text=True,
                              timeout=max(remaining, 60))
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
-    assert "4 trials" in resumed.stdout and resumed.stdout.count("| FINISHED |") == 4
+    assert "4 trials" in resumed.stdout and resumed.stdout.count("| FINISHED |") == 4, (
+        resumed.stdout[-3000:] + resumed.stderr[-3000:])
 
     # [3] one parent, four children, each trial exactly once; finished trials were not run again
     parents = client.search_runs([parent.info.experiment_id], filter_string=f"tags.`cascadelab.sweep` = '{NAME}'")
