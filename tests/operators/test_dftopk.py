@@ -210,3 +210,74 @@ def test_permutation_equivariant(n, data):
     s = distinct(2, n, seed=data.draw(st.integers(0, 10_000)))
     perm = torch.tensor(data.draw(st.permutations(range(n))))
     torch.testing.assert_close(dftopk(s[:, perm], k, 0.7), dftopk(s, k, 0.7)[:, perm])
+
+
+def _exact_pair(x: torch.Tensor, k) -> None:
+    """``_kth_pair`` returns the k-th and (k+1)-th largest values of every row and indices holding them."""
+    b = x.shape[0]
+    yk, ik, yk1, ik1 = DFT._kth_pair(x, k)
+    srt = torch.sort(x, 1, descending=True).values
+    kt = torch.as_tensor(k).expand(b).unsqueeze(1)
+    assert torch.equal(yk, srt.gather(1, kt - 1).squeeze(1))
+    assert torch.equal(yk1, srt.gather(1, kt).squeeze(1))
+    assert torch.equal(x.gather(1, ik.unsqueeze(1)).squeeze(1), yk)
+    assert torch.equal(x.gather(1, ik1.unsqueeze(1)).squeeze(1), yk1)
+
+
+def _adversarial(dist: str, b: int, n: int, g: torch.Generator) -> torch.Tensor:
+    x = torch.randn(b, n, generator=g)
+    if dist == "few_values":
+        return torch.randint(0, 3, (b, n), generator=g).float()
+    if dist == "all_equal":
+        return torch.full((b, n), -2.5)
+    if dist == "huge_range":
+        return x * torch.logspace(-30, 30, n)[torch.randperm(n, generator=g)]
+    if dist == "sorted":
+        return torch.sort(x, 1).values
+    if dist == "sorted_desc":
+        return torch.sort(x, 1, descending=True).values
+    if dist == "bimodal":
+        return x + 8 * (torch.rand(b, n, generator=g) < 0.5)
+    if dist == "cauchy":
+        return torch.tan(torch.pi * (torch.rand(b, n, generator=g) - 0.5))
+    if dist == "offset":  # float32 ties from rounding
+        return 1e4 + 1e-2 * x
+    if dist == "mixed_rows":
+        return torch.cat([x[: b // 2], torch.randint(0, 5, (b - b // 2, n), generator=g).float()])
+    return x
+
+
+@pytest.mark.parametrize("dist", ["gauss", "few_values", "all_equal", "huge_range", "sorted", "sorted_desc",
+                                  "bimodal", "cauchy", "offset", "mixed_rows"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_search_path_adversarial_inputs_are_exact(dist, dtype):
+    g = torch.Generator().manual_seed(11)
+    b, n = 264, 1000
+    x = _adversarial(dist, b, n, g).to(dtype)
+    assert x.numel() >= DFT._ITERATIVE_MIN_ELEMENTS
+    for k in (1, 2, n // 2, n - 2, n - 1, torch.randint(1, n, (b,), generator=g)):
+        _exact_pair(x, k)
+
+
+def test_search_path_shapes_single_long_row_and_wide_rows():
+    g = torch.Generator().manual_seed(12)
+    _exact_pair(torch.randn(1, 300_000, generator=g), 150_000)  # probes counted one at a time
+    _exact_pair(torch.randn(30, 10_000, generator=g), 1)
+    _exact_pair(torch.randn(70, 4000, generator=g), 2000)
+
+
+def test_search_path_through_the_public_function_and_its_nan_check():
+    g = torch.Generator().manual_seed(13)
+    s = torch.randn(300, 1000, generator=g, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(dftopk_logits(s, 400, 0.5), ref_logits(s, 400, 0.5))
+    w = torch.randn(300, 1000, generator=g, dtype=torch.float64)
+    (g1,) = torch.autograd.grad((dftopk(s, 400, 0.5) * w).sum(), s)
+    (g2,) = torch.autograd.grad((torch.sigmoid(ref_logits(s, 400, 0.5)) * w).sum(), s)
+    torch.testing.assert_close(g1, g2)
+    h = torch.randn(300, 1000, generator=g).to(torch.bfloat16)
+    torch.testing.assert_close(dftopk_logits(h, 10, 1.0).float(), ref_logits(h.float(), 10, 1.0), atol=5e-2, rtol=5e-2)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = torch.randn(300, 1000, generator=g)
+        t[7, 3] = bad
+        with pytest.raises(ValueError, match="NaN or inf"):
+            dftopk_logits(t, 10, 1.0)
