@@ -63,7 +63,7 @@ class _LapSumTopK(torch.autograd.Function):
             kk = torch.full_like(y[:, :1], float(k) if k < n else n - 0.5)
         d = y.sub_(_solve_threshold(y, kk))  # d = y - t, in place
         f = d.abs().neg_().exp_().mul_(0.5)  # F'(d) = exp(-|d|) / 2, also F(d) for d <= 0
-        p = torch.where(d > 0, 1.0 - f, f)
+        p = torch.where(d > 0, torch.rsub(f, 1.0), f, out=d)  # d is not needed after this: reuse it
         if full is not None:
             p.masked_fill_(full, 1.0)
         ctx.save_for_backward(f, full)
@@ -82,29 +82,38 @@ class _LapSumTopK(torch.autograd.Function):
 
 
 def _solve_threshold(y: Tensor, k: Tensor) -> Tensor:
-    """t with sum_i F(y_i - t) = k, per row of y (B, n); requires 0 < k < n. Returns (B, 1)."""
+    """t with sum_i F(y_i - t) = k, per row of y (B, n); requires 0 < k < n. Returns (B, 1).
+
+    Full-size work: one sort and two log-cum-sum-exps; the other full-size steps mostly reuse their
+    buffers (a fresh multi-megabyte tensor is page-faulted in on each call, which costs as much as a pass).
+    """
     n = y.shape[1]
     ys = torch.sort(y, dim=1).values  # ascending
     # log a_j = log sum_{i<=j} e^(y_i - y_j) in [0, log j];  log b_j = log sum_{i>j} e^(y_j - y_i)
     log_a = torch.logcumsumexp(ys, dim=1).sub_(ys)
-    tail = torch.logcumsumexp(ys.flip(1).neg_(), dim=1).flip(1)  # log sum_{i>=j} e^-y_i
-    log_b = torch.empty_like(ys)
-    torch.add(ys[:, :-1], tail[:, 1:], out=log_b[:, :-1])
+    rev = torch.flip(ys, dims=(1,)).neg_()
+    log_b = torch.logcumsumexp(rev, dim=1)  # reversed: log sum_{i>=j} e^-y_i at column n-1-j
+    backwards = torch.arange(n - 1, -1, -1, device=y.device)
+    torch.index_select(log_b, 1, backwards, out=rev)  # rev_j = log sum_{i>=j} e^-y_i (flip has no out=)
+    torch.add(ys[:, :-1], rev[:, 1:], out=log_b[:, :-1])
     log_b[:, -1] = -torch.inf
+    lead = rev[:, :1].clone()  # log sum_i e^-y_i, for m = 0
     # sum_i F(y_i - y_j) = (a_j - b_j) / 2 + n - j, non-increasing in j
-    g_at = torch.sub(torch.exp(log_a), torch.exp(log_b)).mul_(0.5)
-    g_at += torch.arange(n - 1, -1, -1, device=y.device, dtype=y.dtype)
+    g_at = torch.exp(log_a, out=rev).sub_(log_b.exp()).mul_(0.5).add_(backwards.to(y.dtype))
     m = (g_at >= k).sum(1, keepdim=True)  # t lies in [y_m, y_(m+1)); m = 0: left of y_1
     ref = (m - 1).clamp_min(0)  # reference point p = y_max(m,1) (0-based index)
-    p = ys.gather(1, ref)
-    la = torch.where(m > 0, log_a.gather(1, ref), torch.full_like(p, -torch.inf))
-    lb = torch.where(m > 0, log_b.gather(1, ref), ys[:, :1] + tail[:, :1])
+    p, la, lb, y0 = ys.gather(1, ref), log_a.gather(1, ref), log_b.gather(1, ref), ys[:, :1]
     c = n - m.to(y.dtype) - k
-    # On the segment: b v^2 - 2 c v - a = 0 for v = e^(t - p). Writing v = sqrt(a/b) e^u gives
-    # sinh(u) = c / sqrt(ab), so log v = (la - lb)/2 + asinh(c e^(-(la+lb)/2)): no cancellation, no
-    # underflow of a*b. m = 0 (a = 0) and m = n (b = 0) are the two linear limits.
-    s = la + lb
-    log_w = torch.log(c.abs()) - 0.5 * s  # log |c / sqrt(ab)|
+    return _segment_solve(p, la, lb, y0, lead, c, m)
+
+
+def _segment_solve(p: Tensor, la: Tensor, lb: Tensor, y0: Tensor, lead: Tensor, c: Tensor, m: Tensor) -> Tensor:
+    """On the segment: b v^2 - 2 c v - a = 0 for v = e^(t - p). Writing v = sqrt(a/b) e^u gives
+    sinh(u) = c / sqrt(ab), so log v = (la - lb)/2 + asinh(c e^(-(la+lb)/2)): no cancellation, no
+    underflow of a*b. m = 0 (a = 0) and m = n (b = 0) are the two linear limits. All (B, 1)."""
+    la = torch.where(m > 0, la, torch.full_like(p, -torch.inf))
+    lb = torch.where(m > 0, lb, y0 + lead)
+    log_w = torch.log(c.abs()) - 0.5 * (la + lb)
     big = log_w > 20.0  # asinh(w) = sign(w) (log 2|w| + O(w^-2))
     ash = torch.where(big, torch.sign(c) * (log_w + 0.6931471805599453),
                       torch.asinh(torch.sign(c) * torch.exp(log_w.clamp_max(20.0))))
