@@ -41,3 +41,24 @@ def test_baselines_agree_with_the_library():
     s = torch.randn(4, 30, dtype=torch.float64)
     torch.testing.assert_close(official_dftopk_logits(s, 7, 2.0), dftopk_logits(s, 7, 2.0))
     torch.testing.assert_close(reference_neural_sort(s, 0.5), neural_sort(s, 0.5))
+
+
+def test_lapsum_reference_is_timed_beside_ours(tmp_path):
+    ref = tmp_path / "ref.py"  # stands in for the user's copy of the authors' code: same call signature
+    ref.write_text("from cascadelab.operators import lapsum_topk\n\n"
+                   "def soft_top_k(r, k, alpha):\n"
+                   "    assert k.shape == r.shape[:1] and k.dtype.is_floating_point and alpha.dim() == 0\n"
+                   "    return lapsum_topk(r, k, float(alpha))\n")
+    cfg = OperatorBenchConfig(sizes=(5, 40), batch_sizes=(2,), warmup=1, steps=2, operators=("lapsum",),
+                              lapsum_reference=str(ref), memory=False, plot=False)
+    report = run_operator_bench(cfg, tmp_path)
+    assert {r["operator"] for r in report["results"] if r["status"] == "ok"} == {"lapsum", "lapsum-reference"}
+    assert report["ratios"]["lapsum_over_reference_b2_n40"] > 0
+
+
+def test_lapsum_reference_must_define_soft_top_k(tmp_path):
+    import pytest
+
+    (tmp_path / "bad.py").write_text("x = 1\n")
+    with pytest.raises(ValueError, match="lapsum_reference: .* defines no function soft_top_k"):
+        run_operator_bench(OperatorBenchConfig(lapsum_reference=str(tmp_path / "bad.py")), tmp_path)

@@ -47,7 +47,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -101,14 +101,22 @@ class OperatorBenchConfig:
     threads: int | None = None  # torch.set_num_threads for the run (None: leave torch's default)
     plot: bool = True
     memory: bool = True
+    # A Python file with the LapSum authors' pure-PyTorch ``soft_top_k(r, k, alpha)`` (github.com/gmum/LapSum,
+    # tutorial_notebooks/soft_topk.ipynb; not shipped here). When set, it is timed as "lapsum-reference"
+    # beside ours, with ``k`` as a per-row float tensor and ``alpha`` as a tensor, as that code expects.
+    lapsum_reference: str | None = None
     extra: dict = field(default_factory=dict)  # free-form notes copied into the JSON
 
 
 def run_operator_bench(cfg: OperatorBenchConfig, out_dir: Path) -> dict:
     """Run the grid, write ``operators.json`` and ``operators.png`` into ``out_dir``, return the JSON dict."""
-    unknown = set(cfg.operators) - set(ALL_OPERATORS)
+    unknown = set(cfg.operators) - set(ALL_OPERATORS) - {"lapsum-reference"}
     if unknown:
         raise ValueError(f"unknown benchmark operator(s) {sorted(unknown)}; valid: {list(ALL_OPERATORS)}")
+    if cfg.lapsum_reference:
+        _load_reference(cfg.lapsum_reference)  # fail before any timing
+        if "lapsum-reference" not in cfg.operators:
+            cfg = replace(cfg, operators=(*cfg.operators, "lapsum-reference"))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     threads_before = torch.get_num_threads()
@@ -258,6 +266,11 @@ def _make_step(cfg: OperatorBenchConfig, op: str, batch: int, n: int, device, dt
         return step
 
     tau = cfg.tau
+    if op == "lapsum-reference":
+        ref = _load_reference(cfg.lapsum_reference)
+        k_rows = torch.full((batch,), float(k), device=device, dtype=dtype)
+        alpha = torch.tensor(cfg.lapsum_alpha, device=device, dtype=dtype)
+        return topk_step(lambda x: ref(x, k_rows, alpha), logits=False)
     if op == "floor":
         return topk_step(lambda x: x / tau, logits=True)
     if op == "dftopk":
@@ -330,12 +343,32 @@ def _ratios(results: list[dict], cfg: OperatorBenchConfig, stat: str = "median_m
         out[f"official_over_dftopk_b{b}_n1000"] = _ratio(f("dftopk-official-style", b, 1000), f("dftopk", b, 1000))
         out[f"dftopk_n10000_over_n1000_b{b}"] = _ratio(f("dftopk", b, 10000), f("dftopk", b, 1000))
         out[f"floor_n10000_over_n1000_b{b}"] = _ratio(f("floor", b, 10000), f("floor", b, 1000))
+    for b in sorted(set(cfg.batch_sizes)):
+        for n in cfg.sizes:
+            r = _ratio(f("lapsum", b, n), f("lapsum-reference", b, n))
+            if r is not None:
+                out[f"lapsum_over_reference_b{b}_n{n}"] = r
     ns = [n for n in cfg.sizes if f("neuralsort-reference-style", small, n) and f("neuralsort", small, n)]
     if ns:
         n = max(ns)
         out[f"neuralsort_reference_over_ours_b{small}_n{n}"] = _ratio(f("neuralsort-reference-style", small, n),
                                                                       f("neuralsort", small, n))
     return out
+
+
+def _load_reference(path: str | None) -> Callable:
+    """``soft_top_k`` from the user's copy of the LapSum authors' code (option ``lapsum_reference``)."""
+    import importlib.util
+
+    if not path or not Path(path).is_file():
+        raise ValueError(f"lapsum_reference: '{path}' is not a file (expected a .py file defining soft_top_k)")
+    spec = importlib.util.spec_from_file_location("lapsum_reference", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    fn = getattr(module, "soft_top_k", None)
+    if not callable(fn):
+        raise ValueError(f"lapsum_reference: '{path}' defines no function soft_top_k(r, k, alpha)")
+    return fn
 
 
 def _dftopk_memory(cfg: OperatorBenchConfig, device, dtype) -> dict:
