@@ -398,11 +398,16 @@ def _progress_callback(name: str):
 
 
 def _status(result) -> str:
+    """FINISHED once the trial's final evaluation was reported (only the last report carries
+    ``joint_recall``). Tune's ``done`` flag is not relied on for that: a trial restored by ``--resume``
+    can finish without it."""
     metrics = result.metrics or {}
     if result.error is not None:
         return "ERROR"
+    if "joint_recall" in metrics:
+        return "FINISHED"
     if metrics.get("done"):
-        return "FINISHED" if "joint_recall" in metrics else "STOPPED"  # stopped early by ASHA
+        return "STOPPED"  # ended early by ASHA
     return "UNFINISHED" if metrics else "NOT_STARTED"
 
 

@@ -155,3 +155,19 @@ def test_study_configs_validate(path):
 
 def test_the_four_studies_exist():
     assert {p.stem for p in STUDIES} >= {"tau-sensitivity", "negative-sampling", "method-table", "streaming"}
+
+
+@pytest.mark.parametrize("metrics, error, status", [
+    ({"joint_recall": 0.6, "done": True}, None, "FINISHED"),
+    ({"joint_recall": 0.6}, None, "FINISHED"),  # a trial restored by --resume can finish without 'done'
+    ({"train_loss": 1.0, "done": True}, None, "STOPPED"),  # ended early by ASHA
+    ({"train_loss": 1.0}, None, "UNFINISHED"),
+    ({}, None, "NOT_STARTED"),
+    ({"joint_recall": 0.6}, RuntimeError("x"), "ERROR"),
+])
+def test_trial_status(metrics, error, status):
+    from types import SimpleNamespace
+
+    from cascadelab.platform.tune.sweep import _status
+
+    assert _status(SimpleNamespace(metrics=metrics, error=error)) == status
