@@ -16,8 +16,9 @@ Everything is validated by building every grid point's config with ``load_config
 Each trial is a Tune function that reserves no CPU and calls ``run_training`` with a stable run name
 ``<sweep>-<trial id>``, the MLflow parent run's id as ``mlflow.parentRunId`` and ``TuneReportCallback``.
 The Tune experiment and the trials' Ray Train runs live under ``train.storage_path/sweeps/<name>``;
-``resume=True`` restores it there (finished trials are not run again, unfinished ones continue from
-their last Ray Train checkpoint). The parent MLflow run holds the sweep config as params, the best
+``resume=True`` restores it there (finished trials are not run again, including one whose MLflow run
+finished just before the kill although Tune had not saved it as terminated; unfinished ones continue
+from their last Ray Train checkpoint). The parent MLflow run holds the sweep config as params, the best
 trial (``best_joint_recall`` + ``best.*`` tags) and ``trials.csv``.
 """
 
@@ -315,6 +316,23 @@ def _drop_orphan_run(cfg: CascadeConfig, run_name: str) -> None:
         client.delete_run(run.info.run_id)
 
 
+def _finished_run_metrics(cfg: CascadeConfig, run_name: str) -> dict[str, float] | None:
+    """The final metrics of ``run_name`` when its MLflow run already FINISHED (with its final evaluation).
+
+    A sweep killed after a trial's run finished but before Tune saved that trial as terminated restores
+    the trial as unfinished; it must not train (and end its MLflow run) a second time."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(cfg.tracking.uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{run_name}'")
+    if len(runs) == 1 and runs[0].info.status == "FINISHED" and "joint_recall" in runs[0].data.metrics:
+        return dict(runs[0].data.metrics)
+    return None
+
+
 def run_trial(config: dict[str, Any], plan: dict[str, Any]) -> None:
     """Tune function trainable: build this grid point's config and train it with Ray Train."""
     from ray import tune
@@ -325,6 +343,11 @@ def run_trial(config: dict[str, Any], plan: dict[str, Any]) -> None:
     trial_id = tune.get_context().get_trial_id()
     run_name = f"{plan['name']}-{trial_id}"  # no timestamp: a restarted trial finds its run again
     cfg = trial_config(plan, config)
+    done = _finished_run_metrics(cfg, run_name)
+    if done is not None:
+        log.info("trial %s: MLflow run %s already finished; reporting its final metrics", trial_id, run_name)
+        tune.report(done)
+        return
     _drop_orphan_run(cfg, run_name)
     run_training(cfg, tags={"mlflow.parentRunId": plan["parent_run_id"], "cascadelab.trial_id": trial_id,
                             "cascadelab.sweep_trial": plan["name"]},

@@ -171,3 +171,24 @@ def test_trial_status(metrics, error, status):
     from cascadelab.platform.tune.sweep import _status
 
     assert _status(SimpleNamespace(metrics=metrics, error=error)) == status
+
+
+def test_a_trial_whose_mlflow_run_finished_is_not_trained_again(sqlite_uri):
+    from mlflow import MlflowClient
+
+    from cascadelab.platform.config import load_config
+    from cascadelab.platform.tune.sweep import _finished_run_metrics
+
+    cfg = load_config(None, [f"tracking.uri={sqlite_uri}", "tracking.experiment=fin"])
+    assert _finished_run_metrics(cfg, "s-t1") is None  # no experiment yet
+    client = MlflowClient(sqlite_uri)
+    exp = client.create_experiment("fin")
+    running = client.create_run(exp, run_name="s-t1")
+    client.log_metric(running.info.run_id, "joint_recall", 0.5)
+    assert _finished_run_metrics(cfg, "s-t1") is None  # still running: resume it
+    client.set_terminated(running.info.run_id, "FINISHED")
+    assert _finished_run_metrics(cfg, "s-t1") == {"joint_recall": 0.5}
+    partial = client.create_run(exp, run_name="s-t2")
+    client.log_metric(partial.info.run_id, "train_loss", 1.0)
+    client.set_terminated(partial.info.run_id, "FINISHED")
+    assert _finished_run_metrics(cfg, "s-t2") is None  # no final evaluation
