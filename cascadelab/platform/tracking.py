@@ -40,6 +40,17 @@ def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
                           f"(`mlflow server ...`) or set tracking.uri / MLFLOW_TRACKING_URI") from None
 
 
+def runs_named(uri: str, experiment: str, run_name: str) -> list:
+    """The MLflow runs called ``run_name`` in ``experiment`` (none when the experiment does not exist)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{run_name}'")
+
+
 def _clean_value(value: Any) -> str:
     text = "null" if value is None else str(value)
     return text[:6000]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import resource
 import sys
 import tempfile
 import time
@@ -115,15 +114,15 @@ def convert_in_fresh_process(src: str, out: str) -> dict[str, float]:
     """Convert the release at ``src``; returns wall time and this process's peak RSS."""
     import logging
 
-    from cascadelab.platform.data.recflow import convert_recflow
+    from cascadelab.platform.data.recflow import convert_recflow, peak_rss_mib
 
     logging.basicConfig(level=logging.INFO)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    base = peak_rss_mib()
     t0 = time.perf_counter()
     meta = convert_recflow(src, out)
     wall = time.perf_counter() - t0
     return {"wall_s": wall, "requests": float(sum(meta.rows_per_day.values())),
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mib": peak_rss_mib(),
             "rss_before_mib": base}
 
 

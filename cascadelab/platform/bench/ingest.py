@@ -28,16 +28,17 @@ from __future__ import annotations
 
 import json
 import logging
-import resource
 import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cascadelab.platform.data.ingest import ArrowToTorch, day_files, read_day
+from cascadelab.platform.data.recflow import peak_rss_mib
 from cascadelab.platform.data.schema import DatasetMeta, columns_for, groups_for
 from cascadelab.platform.data.synthetic import SyntheticConfig, generate
 
@@ -60,10 +61,6 @@ class IngestBenchConfig:
     seed: int = 0
 
 
-def _rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def pyarrow_floor(files: list[str], groups: tuple[str, ...], batch_size: int, sample_num: int, seed: int,
                   vocab: dict[str, int]) -> dict[str, float]:
     """Rows/s of a plain PyArrow read of ``files`` (decode only, then decode + collate to torch)."""
@@ -73,8 +70,6 @@ def pyarrow_floor(files: list[str], groups: tuple[str, ...], batch_size: int, sa
         for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=cols):
             rows += batch.num_rows
     read_s = time.perf_counter() - t0
-    import pyarrow as pa
-
     collate = ArrowToTorch(groups, sample_num, seed=seed, vocab=vocab, source="bench")
     rows, t0 = 0, time.perf_counter()
     for f in files:
@@ -82,7 +77,7 @@ def pyarrow_floor(files: list[str], groups: tuple[str, ...], batch_size: int, sa
             rows += collate(pa.Table.from_batches([batch]))["items"].shape[0]
     floor_s = time.perf_counter() - t0
     return {"rows": float(rows), "pyarrow_read_rows_per_s": rows / read_s, "pyarrow_floor_rows_per_s": rows / floor_s,
-            "peak_rss_mib": _rss_mib()}
+            "peak_rss_mib": peak_rss_mib()}
 
 
 def _consume_loop(config: dict) -> dict[str, float]:
@@ -105,7 +100,7 @@ def _consume_loop(config: dict) -> dict[str, float]:
     steady = max(end - (first or end), 1e-9)
     out = {"rows": float(rows), "rows_per_s": (rows - first_rows) / steady if first else 0.0,
            "rows_per_s_end_to_end": rows / max(end - t_start, 1e-9),
-           "first_batch_s": (first or end) - t_start, "peak_rss_mib": _rss_mib()}
+           "first_batch_s": (first or end) - t_start, "peak_rss_mib": peak_rss_mib()}
     import torch.distributed as dist
 
     gathered = [out]

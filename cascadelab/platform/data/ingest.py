@@ -26,26 +26,20 @@ from cascadelab.platform.data.schema import (
     USER_FIELDS,
     DataError,
     DatasetMeta,
-    arrow_schema,
     check_table_schema,
     columns_for,
-    day_dir,
+    day_dir_files,
     id_high,
     id_range_error,
     label_error,
+    projected_schema,
 )
 
 
 def day_files(root: str | Path, day: str, mode: str, groups: tuple[str, ...]) -> list[str]:
     """The day's Parquet files after checking each file's schema for the columns a run reads."""
-    d = day_dir(root, day)
-    if not d.is_dir():
-        raise DataError(f"day '{day}': directory '{d}' does not exist")
-    files = sorted(str(p) for p in d.glob("*.parquet"))
-    if not files:
-        raise DataError(f"day '{day}': no *.parquet files in '{d}'")
-    full = arrow_schema(mode)
-    expected = pa.schema([full.field(c) for c in columns_for(groups)])
+    files = day_dir_files(root, day)
+    expected = projected_schema(mode, groups)
     for path in files:
         try:
             got = pq.read_schema(path)

@@ -90,6 +90,12 @@ def columns_for(groups: tuple[str, ...]) -> list[str]:
     return cols
 
 
+def projected_schema(mode: str, groups: tuple[str, ...]) -> pa.Schema:
+    """The schema of the columns a run over ``groups`` reads from a dataset of ``mode``."""
+    full = arrow_schema(mode)
+    return pa.schema([full.field(c) for c in columns_for(groups)])
+
+
 @dataclass
 class DatasetMeta:
     """Contents of ``dataset.json``: what a reader needs before opening any Parquet file."""
@@ -152,6 +158,17 @@ def label_error(where: str, name: str) -> DataError:
 
 def day_dir(root: str | Path, day: str) -> Path:
     return Path(root) / f"day={day}"
+
+
+def day_dir_files(root: str | Path, day: str) -> list[str]:
+    """The day's ``*.parquet`` files, sorted; DataError when the day's directory is missing or empty."""
+    d = day_dir(root, day)
+    if not d.is_dir():
+        raise DataError(f"day '{day}': directory '{d}' does not exist")
+    files = sorted(str(p) for p in d.glob("*.parquet"))
+    if not files:
+        raise DataError(f"day '{day}': no *.parquet files in '{d}'")
+    return files
 
 
 def same_type(got: pa.DataType, expected: pa.DataType) -> bool:

@@ -30,13 +30,13 @@ from cascadelab.platform.data.schema import (
     USER_FIELDS,
     DataError,
     DatasetMeta,
-    arrow_schema,
     check_table_schema,
-    columns_for,
     day_dir,
+    day_dir_files,
     id_high,
     id_range_error,
     label_error,
+    projected_schema,
 )
 
 log = logging.getLogger(__name__)
@@ -73,8 +73,7 @@ def _flat(col: pa.ChunkedArray, width: int) -> np.ndarray:
 def check_file(path: str | Path, mode: str, groups: tuple[str, ...], vocab: dict[str, int]) -> str | None:
     """None when the file is good, else a one-line reason naming the file and the field."""
     path = str(path)
-    full = arrow_schema(mode)
-    expected = pa.schema([full.field(c) for c in columns_for(groups)])
+    expected = projected_schema(mode, groups)
     try:
         pf = pq.ParquetFile(path)
         check_table_schema(pf.schema_arrow, expected, path)
@@ -94,17 +93,6 @@ def check_file(path: str | Path, mode: str, groups: tuple[str, ...], vocab: dict
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
         return f"'{path}': not a readable Parquet file ({first})"
     return None
-
-
-def day_dir_files(root: str | Path, day: str) -> list[str]:
-    """The day's ``*.parquet`` files, sorted; DataError when the day's directory is missing or empty."""
-    d = day_dir(root, day)
-    if not d.is_dir():
-        raise DataError(f"day '{day}': directory '{d}' does not exist")
-    files = sorted(str(p) for p in d.glob("*.parquet"))
-    if not files:
-        raise DataError(f"day '{day}': no *.parquet files in '{d}'")
-    return files
 
 
 def validate_days(root: str | Path, days: list[str], meta: DatasetMeta, groups: tuple[str, ...],

@@ -29,6 +29,7 @@ from cascadelab.platform.tracking import (
     log_text,
     reopen_run,
     resolve_tracking_uri,
+    runs_named,
     start_run,
 )
 from cascadelab.platform.train.loop import train_loop_per_worker
@@ -101,12 +102,7 @@ def check_cpu_budget(cfg: CascadeConfig, cluster_cpus: float) -> None:
 
 def find_run(uri: str, experiment: str, run_name: str) -> str:
     """The MLflow run id of ``run_name`` in ``experiment`` (for ``--resume``)."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    runs = [] if exp is None else client.search_runs(
-        [exp.experiment_id], filter_string=f"attributes.run_name = '{run_name}'")
+    runs = runs_named(uri, experiment, run_name)
     if len(runs) != 1:
         raise ConfigError(f"--resume {run_name}: expected one MLflow run of that name in experiment "
                           f"'{experiment}' at {uri}, found {len(runs)}")

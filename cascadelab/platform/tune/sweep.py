@@ -307,11 +307,10 @@ def _drop_orphan_run(cfg: CascadeConfig, run_name: str) -> None:
     storage = cfg.train.storage_path
     if "://" in storage or (Path(storage) / run_name).is_dir():
         return  # run_training resumes the run of that name (with its MLflow run)
+    from cascadelab.platform.tracking import runs_named
+
     client = MlflowClient(cfg.tracking.uri)
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    if exp is None:
-        return
-    for run in client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{run_name}'"):
+    for run in runs_named(cfg.tracking.uri, cfg.tracking.experiment, run_name):
         log.warning("trial %s: deleting MLflow run %s left by an interrupted start", run_name, run.info.run_id)
         client.delete_run(run.info.run_id)
 
@@ -321,13 +320,9 @@ def _finished_run_metrics(cfg: CascadeConfig, run_name: str) -> dict[str, float]
 
     A sweep killed after a trial's run finished but before Tune saved that trial as terminated restores
     the trial as unfinished; it must not train (and end its MLflow run) a second time."""
-    from mlflow import MlflowClient
+    from cascadelab.platform.tracking import runs_named
 
-    client = MlflowClient(cfg.tracking.uri)
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    if exp is None:
-        return None
-    runs = client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{run_name}'")
+    runs = runs_named(cfg.tracking.uri, cfg.tracking.experiment, run_name)
     if len(runs) == 1 and runs[0].info.status == "FINISHED" and "joint_recall" in runs[0].data.metrics:
         return dict(runs[0].data.metrics)
     return None
@@ -381,8 +376,7 @@ def find_parent(uri: str, experiment: str, name: str):
 def preflight(spec: SweepSpec) -> None:
     """Check every distinct dataset and day plan before Ray starts (a missing day fails here, once)."""
     from cascadelab.platform.data.ingest import day_files
-    from cascadelab.platform.data.schema import DatasetMeta
-    from cascadelab.platform.data.validate import day_dir_files
+    from cascadelab.platform.data.schema import DatasetMeta, day_dir_files
     from cascadelab.platform.train.run import cascade_groups, plan_days
 
     seen = set()
