@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from cascadelab.operators import dftopk_logits, neural_sort
+from cascadelab.operators import dftopk, dftopk_logits, neural_sort
 from cascadelab.platform.bench.operators import (
     ALL_OPERATORS,
     OperatorBenchConfig,
@@ -32,7 +32,9 @@ def test_tiny_run_writes_json_and_png(tmp_path):
     assert {r["operator"] for r in skipped} <= {"softsort", "neuralsort", "neuralsort-reference-style", "diffsort"}
     assert skipped and all(r["batch"] == 3 and r["n"] == 40 for r in skipped)
     assert data["meta"]["torch"] == torch.__version__ and data["meta"]["threads"] >= 1
+    assert data["meta"]["allocator"].startswith("glibc: heap only")  # the CI machine runs glibc
     assert "dftopk_over_floor_b3_n1000" in data["ratios"]
+    assert "dftopk_logits_over_floor_logits_b3_n1000" in data["ratios"]
     mem = data["memory"]["rows"]
     assert mem and all(r["saved_bytes_operator"] > 0 for r in mem)
 
@@ -40,6 +42,7 @@ def test_tiny_run_writes_json_and_png(tmp_path):
 def test_baselines_agree_with_the_library():
     s = torch.randn(4, 30, dtype=torch.float64)
     torch.testing.assert_close(official_dftopk_logits(s, 7, 2.0), dftopk_logits(s, 7, 2.0))
+    torch.testing.assert_close(torch.sigmoid(official_dftopk_logits(s, 7, 2.0)), dftopk(s, 7, 2.0))
     torch.testing.assert_close(reference_neural_sort(s, 0.5), neural_sort(s, 0.5))
 
 

@@ -63,6 +63,17 @@ def test_large_logit_scale_no_overflow():
     torch.testing.assert_close(p, torch.tensor([[0.0, 1.0, 0.0, 1.0]]), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("batch,n", [(6, 50), (40, 600)])  # the all-NumPy path and the torch + NumPy path
+def test_rows_too_wide_for_the_exp_sums_take_the_log_space_solve(batch, n):
+    s = torch.randn(batch, n, dtype=torch.float64)
+    s[::3] *= 400.0  # half-range / alpha far above 300: e^(y - mid) would overflow float64
+    k = torch.randint(1, n, (batch,)).double()
+    p = lapsum_topk(s, k, 0.5)
+    assert torch.isfinite(p).all()
+    torch.testing.assert_close(p, ref_lapsum(s, k, 0.5), atol=1e-9, rtol=1e-7)
+    torch.testing.assert_close(p.sum(-1), k)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_low_precision_dtypes_on_cpu(dtype):
     s = torch.randn(5, 30).to(dtype).requires_grad_()

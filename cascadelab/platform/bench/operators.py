@@ -8,16 +8,20 @@ operator, batch size B and list length N (k = N // 2):
   operator and its loss are measured. ``warmup`` untimed steps, then ``steps`` timed ones
   (``time.perf_counter`` on CPU; CUDA events + synchronize on CUDA); median and mean ms per step.
 * top-k operators: BCE against a random hard top-k label (k random positions per row set to 1).
-  dftopk / dftopk-official-style / floor use BCE-with-logits on logits (as the paper); lapsum and
-  sparse-topk output probabilities, so they use BCE on probabilities clamped to [1e-6, 1 - 1e-6]
-  (the reference fed sparse-topk's probabilities to BCE-with-logits; that is not reproduced).
+  floor / dftopk / dftopk-official-style: the soft mask (a sigmoid) and ``F.binary_cross_entropy`` on
+  it, the issue's "plain sigmoid + BCE" pipeline. floor-logits / dftopk-logits: the training path
+  (``dftopk_logits`` and BCE-with-logits, as the DFTopK paper trains), a cheaper loss and so a stricter
+  floor. lapsum and sparse-topk output probabilities in [0, 1] (exact 0 and 1 occur), so they use BCE
+  on probabilities clamped to [1e-6, 1 - 1e-6] (the reference fed sparse-topk's probabilities to
+  BCE-with-logits; that is not reproduced).
 * permutation operators: the label permutation is built with the same operator under ``no_grad`` from
   random graded labels (tau 1e-4 for neuralsort/softsort, steepness 1000 for diffsort, as the
   reference), and the loss is the listwise cross entropy -sum(P_label * log(P + 1e-6)) / n^2.
 
 Baselines timed in the same run:
 
-* ``floor``: BCE-with-logits on ``scores / tau`` directly (no threshold): what any top-k loss must pay.
+* ``floor``: ``sigmoid(scores / tau)`` and BCE on it, no threshold: what any top-k mask + BCE must pay
+  (the issue's floor; ``floor-logits``: BCE-with-logits on ``scores / tau``, the floor of the logits path).
 * ``dftopk-official-style``: the official formula from the math: theta from two ``torch.kthvalue``
   calls, autograd through them.
 * ``neuralsort-reference-style``: NeuralSort with ``|s_i - s_j| @ 1 1^T`` (the O(n^3) form).
@@ -55,6 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cascadelab.operators import (
+    dftopk,
     dftopk_logits,
     diff_sort,
     lapsum_topk,
@@ -67,6 +72,8 @@ ALL_OPERATORS = (
     "floor",
     "dftopk",
     "dftopk-official-style",
+    "floor-logits",
+    "dftopk-logits",
     "lapsum",
     "sparse-topk",
     "softsort",
@@ -101,6 +108,12 @@ class OperatorBenchConfig:
     threads: int | None = None  # torch.set_num_threads for the run (None: leave torch's default)
     plot: bool = True
     memory: bool = True
+    # CPU on glibc: serve every allocation from the heap and keep freed memory in the process (mallopt
+    # M_MMAP_MAX=0, M_TRIM_THRESHOLD=max) for the run, as a caching allocator would. glibc's default maps
+    # each block over 32 MiB freshly and page-faults it in on every step, so at B x N = 1024 x 10,000 the
+    # steps measure the kernel's page faults (the floor alone grew 15.6x for 10x the elements) rather
+    # than the operators. Restored afterwards; recorded in the JSON meta.
+    keep_freed_memory: bool = True
     # A Python file with the LapSum authors' pure-PyTorch ``soft_top_k(r, k, alpha)`` (github.com/gmum/LapSum,
     # tutorial_notebooks/soft_topk.ipynb; not shipped here). When set, it is timed as "lapsum-reference"
     # beside ours, with ``k`` as a per-row float tensor and ``alpha`` as a tensor, as that code expects.
@@ -122,13 +135,42 @@ def run_operator_bench(cfg: OperatorBenchConfig, out_dir: Path) -> dict:
     threads_before = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
+    allocator = _keep_freed_memory(True) if cfg.keep_freed_memory and cfg.device == "cpu" else "default"
     try:
-        return _run(cfg, out_dir)
+        return _run(cfg, out_dir, allocator)
     finally:
         torch.set_num_threads(threads_before)
+        if allocator != "default":
+            _keep_freed_memory(False)
 
 
-def _run(cfg: OperatorBenchConfig, out_dir: Path) -> dict:
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc malloc.h
+
+
+def _keep_freed_memory(on: bool) -> str:
+    """Switch glibc malloc to heap-only, never-trimmed allocation (``on``) or back to its defaults.
+
+    Returns a description of the allocator for the JSON, or "default" where this is not glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return "default"
+    if on:
+        ok = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+        return "glibc: heap only, freed memory kept (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=2^31-1)" if ok \
+            else "default"
+    mallopt(_M_MMAP_MAX, 65536)
+    mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
+    libc.malloc_trim(0)
+    return "default"
+
+
+def _run(cfg: OperatorBenchConfig, out_dir: Path, allocator: str = "default") -> dict:
     device = torch.device(cfg.device)
     dtype = getattr(torch, cfg.dtype)
     started = time.time()
@@ -143,6 +185,7 @@ def _run(cfg: OperatorBenchConfig, out_dir: Path) -> dict:
             "device": _device_name(device),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
+            "allocator": allocator,
             "dtype": cfg.dtype,
             "python": platform.python_version(),
             "platform": platform.platform(),
@@ -244,14 +287,14 @@ def _make_step(cfg: OperatorBenchConfig, op: str, batch: int, n: int, device, dt
     grades = torch.randn(batch, n, generator=g).to(device=device, dtype=dtype)
     eps = 1e-6
 
-    def topk_step(fn: Callable[[Tensor], Tensor], logits: bool) -> Callable[[], None]:
+    def topk_step(fn: Callable[[Tensor], Tensor], logits: bool, clamp: bool = True) -> Callable[[], None]:
         def step() -> None:
             x = scores.detach().requires_grad_()
             out = fn(x)
             if logits:
                 loss = F.binary_cross_entropy_with_logits(out, label)
             else:
-                loss = F.binary_cross_entropy(out.clamp(eps, 1 - eps), label)
+                loss = F.binary_cross_entropy(out.clamp(eps, 1 - eps) if clamp else out, label)
             loss.backward()
         return step
 
@@ -272,11 +315,15 @@ def _make_step(cfg: OperatorBenchConfig, op: str, batch: int, n: int, device, dt
         alpha = torch.tensor(cfg.lapsum_alpha, device=device, dtype=dtype)
         return topk_step(lambda x: ref(x, k_rows, alpha), logits=False)
     if op == "floor":
-        return topk_step(lambda x: x / tau, logits=True)
+        return topk_step(lambda x: torch.sigmoid(x / tau), logits=False, clamp=False)
     if op == "dftopk":
-        return topk_step(lambda x: dftopk_logits(x, k, tau), logits=True)
+        return topk_step(lambda x: dftopk(x, k, tau), logits=False, clamp=False)
     if op == "dftopk-official-style":
-        return topk_step(lambda x: official_dftopk_logits(x, k, tau), logits=True)
+        return topk_step(lambda x: torch.sigmoid(official_dftopk_logits(x, k, tau)), logits=False, clamp=False)
+    if op == "floor-logits":
+        return topk_step(lambda x: x / tau, logits=True)
+    if op == "dftopk-logits":
+        return topk_step(lambda x: dftopk_logits(x, k, tau), logits=True)
     if op == "lapsum":
         return topk_step(lambda x: lapsum_topk(x, k, cfg.lapsum_alpha), logits=False)
     if op == "sparse-topk":
@@ -343,6 +390,10 @@ def _ratios(results: list[dict], cfg: OperatorBenchConfig, stat: str = "median_m
         out[f"official_over_dftopk_b{b}_n1000"] = _ratio(f("dftopk-official-style", b, 1000), f("dftopk", b, 1000))
         out[f"dftopk_n10000_over_n1000_b{b}"] = _ratio(f("dftopk", b, 10000), f("dftopk", b, 1000))
         out[f"floor_n10000_over_n1000_b{b}"] = _ratio(f("floor", b, 10000), f("floor", b, 1000))
+        out[f"dftopk_logits_over_floor_logits_b{b}_n1000"] = _ratio(f("dftopk-logits", b, 1000),
+                                                                   f("floor-logits", b, 1000))
+        out[f"dftopk_logits_n10000_over_n1000_b{b}"] = _ratio(f("dftopk-logits", b, 10000),
+                                                             f("dftopk-logits", b, 1000))
     for b in sorted(set(cfg.batch_sizes)):
         for n in cfg.sizes:
             r = _ratio(f("lapsum", b, n), f("lapsum-reference", b, n))
