@@ -17,28 +17,28 @@ Selection (``_kth_pair``) has two exact strategies:
   kernels; same math and gradient);
 * large CPU problems (>= 2**18 elements, float32/float64 rows of 64 .. 2**24 items): a count search
   (``_pair_search``), no sort, no ``topk``/``kthvalue`` on the hot path. A count is one ``gt`` into a
-  float buffer plus a row sum; several probes per row share one (P, rows, n) ``gt``. Per row a bracket
-  (a, c] with count(x > a) > k >= count(x > c) is narrowed: first probe at the Gaussian quantile
-  mu + sd Phi^-1(1 - k/n) (mu, sd from one row sum and one row norm; the row min/max come from the
-  NaN/inf check of the public function), then 4 probes around the Newton step on the Gaussian density,
-  1.5 expected item gaps apart, then 4 probes per step about one item apart around the regula-falsi
-  point (rows whose bracket did not halve in items get an even split in float-bit order instead, safe
-  for any spread of values). Rows still searching are copied together (into reused scratch memory,
-  ``_scratch``) once they are at most 3/4 of the rows. A row is resolved when count(x > c) == k or the
-  bracket holds exactly x_(k+1) and x_(k). The pair is then read out with r = 1 / (x - c), whose ``amax``
-  is the item nearest above c and ``amin`` the nearest below; the column index is written into the low
-  mantissa bits of r so that the value reductions also return the index (index reductions are ~10x
-  slower on CPU). That index trick can misorder items whose r agree to ~n ulps, so every row is
-  certified: exactly when a probe bracket holds the candidate alone (count k+1 below / k-1 above), else
-  by counting (count(x >= x_(k)) == k and count(x > x_(k+1)) == k). Rows not resolved (ties never
-  separate; the search notices a bracket that stops losing items) or not certified go to the small
-  path, so the result is always the exact pair. Measured on 2 CPU threads (float32, Gaussian rows,
-  forward + BCE-with-logits + backward, against the same BCE on x / tau; interleaved medians): 1024 x
-  1000, about 7 search steps and ~25 full-size passes, the whole step costs 3.2x the floor (2.7x faster
-  than two ``kthvalue`` calls); there the NumPy/Python bookkeeping between the passes costs about as
-  much as the passes themselves. 1024 x 10,000: 1.6-1.8x the floor (the previous search: 2.2x). Scratch: 2 B n
-  elements per thread and dtype, kept while <= 96 MiB (fresh multi-megabyte buffers were page-faulted
-  in on every call once the allocator had handed them back).
+  float buffer plus a row sum; several probes per row share one (P, rows, n) ``gt``. Per row, a is the
+  highest probe with count(x > a) >= k and c the lowest with count(x > c) <= k - 1, so x_(k) lies in
+  (a, c]. First probe at the Gaussian quantile mu + sd Phi^-1(1 - k/n) (mu, sd from one row sum and one
+  row norm; the row min/max come from the NaN/inf check of the public function), then 4 probes around
+  the Newton step on the Gaussian density, then 4 probes per step around the regula-falsi point (rows
+  whose bracket did not halve in items get an even split in float-bit order instead, safe for any spread
+  of values); probes are ``_SPACING`` (4.5) items apart. Rows still searching are copied together (into
+  reused scratch memory, ``_scratch``) once they are at most 3/4 of the rows. A row is done once
+  count(x > c) >= k - 6: x_(k) and x_(k+1) are then among the 8 items nearest below c, read out by
+  repeated ``amin`` of r = 1 / (x - c) with the column index written into the low mantissa bits of r
+  (index reductions are ~10x slower on CPU), each pick masked for the next. The pair is certified
+  exactly: r with the index bits cleared is exact, so a strictly larger cleared r after the last pick
+  proves the picks are the nearest items; they are then ordered by value. Rows not done (ties never
+  separate; the search notices a bracket that stops losing items), the last <= 4 rows still searching
+  after the third step, and rows not certified (ties at x_(k+1)) go to the small path, so the result is
+  always the exact pair. Measured on 2 CPU threads (float32, Gaussian rows, forward +
+  BCE-with-logits + backward against the same BCE on x / tau; interleaved medians): at 1024 x 1000
+  about 3 steps for 99% of rows, 0.87-0.9x the time of the previous search (which stopped only at a
+  probe between x_(k+1) and x_(k), ~7 steps), the whole step 2.8-3.1x that logits floor (1.3-1.5x the
+  sigmoid + BCE floor of the issue); 1024 x 10,000: 1.4x the logits floor. Scratch: 2 B n elements per
+  thread and dtype, kept while <= 96 MiB (fresh multi-megabyte buffers were page-faulted in on every
+  call once the allocator had handed them back).
 
 Conventions (deviations from the official code, documented):
 
@@ -71,9 +71,12 @@ SATURATION_MARGIN = 10.0
 # Below this many elements (or off CPU) the kthvalue path is cheaper than the threshold search.
 _ITERATIVE_MIN_ELEMENTS = 1 << 18
 _MAX_SEARCH_STEPS = 24
+_ENUM_MAX = 8  # the search stops once x_(k+1) is at most the (this - 1)-th item below its upper probe
 _MAX_STALL = 4  # a row whose probes cross no item this many steps in a row takes the direct path
 _PROBES = 4  # probes per row and step after the first
-_FIRST_SPACING = 1.5  # the second step's probes, in expected item gaps
+_FIRST_SPACING = 4.5  # the second step's probes, in expected item gaps
+_SPACING = 4.5  # later probes, in items (regula falsi estimate)
+_DIRECT_ROWS = 4  # from the third step on, once this many rows or fewer still search, they take the direct path
 _COMPACT_FRACTION = 0.75  # rows still searching are copied together once they are at most this part
 _CHECK_ALL = 0.5  # certificate counts run on all rows above this part, else on a gathered copy
 _TWO_KTHVALUE_MAX = 4096  # below this many elements per call, two kthvalue calls beat the masked min
@@ -287,9 +290,9 @@ def _pair_search(x: Tensor, k: int | Tensor, extrema: tuple[Tensor, Tensor] | No
     ``theta`` (theta, the two indices (B, 2), None) as ``_threshold`` does. The O(B n) passes run in
     torch on reused scratch memory (:func:`_scratch`), the O(B) bookkeeping in NumPy on zero-copy views
     (a torch op on a 1024-vector costs microseconds, a NumPy op about one).
-    Per row a bracket (a, c] with fa = count(x > a) - k > 0 >= fc = count(x > c) - k, and the lowest
-    probe c2 with f2 = count(x > c2) - k <= -1. A row is resolved when fc == 0 (c separates x_(k) from
-    x_(k+1)) or fa == 1 and fc == -1 ((a, c] holds exactly x_(k+1) and x_(k)).
+    Per row a bracket (a, c] with fa = count(x > a) - k >= 0 > fc = count(x > c) - k (x_(k) is in it). A
+    row is done when fc >= 2 - ``_ENUM_MAX``: the 2 - fc items nearest below c hold x_(k) and x_(k+1)
+    (:func:`_read_pair`).
     """
     b, n = x.shape
     npdt = np.float32 if x.dtype == torch.float32 else np.float64
@@ -312,14 +315,13 @@ def _pair_search(x: Tensor, k: int | Tensor, extrema: tuple[Tensor, Tensor] | No
         t = np.clip(mu + sd * z, lo + edge, hi - edge)[None, :]  # probes (p, m), float64
 
         # [2] search over the rows of ``xa``: x itself, later a compacted copy of the rows still searching
-        # (rows that finished but were not compacted away keep being probed: that keeps them resolved)
+        # (rows that finished but were not compacted away keep being probed: that keeps them finished)
         ids = np.arange(b)  # batch row of each state row
         ca = np.nextafter(lo.astype(npdt), npdt(-np.inf)).astype(np.float64)  # every item is above a
         cc = np.nextafter(hi.astype(npdt), npdt(np.inf)).astype(np.float64)  # no item is above c
         fa, fc, kr = n - kv, -kv, kv
-        c2, f2 = cc.copy(), fc.copy()
         stall = np.zeros(b)  # consecutive steps that crossed no item (ties: none ever will)
-        final = np.empty((6, b))  # a, c, fa, fc, c2, f2 per batch row; fa NaN: direct path
+        final = np.empty((4, b))  # a, c, fa, fc per batch row; fa NaN: direct path
         xa, compact = x, False
         for step in range(_MAX_SEARCH_STEPS):
             p, m = t.shape
@@ -327,52 +329,45 @@ def _pair_search(x: Tensor, k: int | Tensor, extrema: tuple[Tensor, Tensor] | No
             f = _count(xa, tq, work[: size - m * n] if compact else work[:size]) - kr
             t = tq.astype(np.float64)
             items = fa - fc
-            if p == 1:
-                f, t = f[0], t[0]
-                up = f > 0  # the probe is below the target: it becomes a, else c
-                ca, fa = np.where(up, t, ca), np.where(up, f, fa)
-                cc, fc = np.where(up, cc, t), np.where(up, fc, f)
-                low = (f <= -1) & (t < c2)
-                c2, f2 = np.where(low, t, c2), np.where(low, f, f2)
-            else:  # count(x > t) falls as t grows: a = the highest probe with f > 0, c = the lowest other
-                up, low = f > 0, f <= -1
-                ca = np.maximum(ca, np.where(up, t, -np.inf).max(0))
-                fa = np.minimum(fa, np.where(up, f, np.inf).min(0))
-                cc = np.minimum(cc, np.where(up, np.inf, t).min(0))
-                fc = np.maximum(fc, np.where(up, -np.inf, f).max(0))
-                c2 = np.minimum(c2, np.where(low, t, np.inf).min(0))
-                f2 = np.maximum(f2, np.where(low, f, -np.inf).max(0))
-            mi = fa - fc
+            # a = the highest probe with f >= 0, c = the lowest with f <= -1: x_(k) lies in (a, c]
+            up = f >= 0
+            ca = np.maximum(ca, np.where(up, t, -np.inf).max(0))
+            fa = np.minimum(fa, np.where(up, f, np.inf).min(0))
+            cc = np.minimum(cc, np.where(up, np.inf, t).min(0))
+            fc = np.maximum(fc, np.where(up, -np.inf, f).max(0))
+            mi = fa - fc  # items in (a, c]
             stall = np.where(mi == items, stall + 1, 0)
-            done = (fc == 0) | (mi == 2)  # (fa, fc) = (1, -1) or (2, 0)
+            done = fc >= 2 - _ENUM_MAX  # x_(k), x_(k+1) and one more are the 2 - fc items nearest below c
             fin = done | (stall >= _MAX_STALL)
             if step >= _MAX_STALL:  # no float left strictly inside (a, c)
                 mid = (0.5 * ca + 0.5 * cc).astype(npdt)
                 fin |= ~((mid > ca) & (mid < cc))
             n_fin = int(np.count_nonzero(fin))
-            if n_fin == m or step + 1 == _MAX_SEARCH_STEPS:
-                final[:, ids] = np.stack([ca, cc, np.where(done, fa, np.nan), fc, c2, f2])
+            if n_fin == m or step + 1 == _MAX_SEARCH_STEPS or (step >= 2 and m - n_fin <= _DIRECT_ROWS):
+                # (a step for the last few rows costs more in bookkeeping than ``_pair_direct`` on them)
+                final[:, ids] = np.stack([ca, cc, np.where(done, fa, np.nan), fc])
                 break
             if step == 0:  # a grid around the Newton step on the Gaussian density (dcount/dt = -n pdf),
                 # _FIRST_SPACING expected item gaps apart
-                gap = (sd * (_SQRT_2PI / n)) * np.exp(np.minimum(0.5 * np.square((t - mu) / sd), 700.0))
-                t = np.clip(t + f * gap + (_FIRST_SPACING * gap) * _offsets(_PROBES), ca, cc)
+                f0 = f[0]
+                gap = (sd * (_SQRT_2PI / n)) * np.exp(np.minimum(0.5 * np.square((t[0] - mu) / sd), 700.0))
+                t = np.clip(t + f0 * gap + (_FIRST_SPACING * gap) * _offsets(_PROBES), ca, cc)
                 continue
             if m - n_fin <= _COMPACT_FRACTION * m:  # copy the rows still searching to the end of the buffer
                 g = ids[fin]
-                final[:, g] = np.stack([ca[fin], cc[fin], np.where(done[fin], fa[fin], np.nan), fc[fin],
-                                        c2[fin], f2[fin]])
+                final[:, g] = np.stack([ca[fin], cc[fin], np.where(done[fin], fa[fin], np.nan), fc[fin]])
                 live = ~fin
-                ids, ca, cc, fa, fc, kr, c2, f2 = (v[live] for v in (ids, ca, cc, fa, fc, kr, c2, f2))
+                ids, ca, cc, fa, fc, kr = (v[live] for v in (ids, ca, cc, fa, fc, kr))
                 stall, items, mi = stall[live], items[live], mi[live]
                 m -= n_fin
                 xa = torch.index_select(x, 0, torch.from_numpy(ids), out=work[size - m * n: size].view(m, n))
                 compact = True
-            # next probes, as many per row as the work buffer holds (up to _PROBES): a grid about one item
-            # apart around the regula falsi point; rows whose last step did not halve the items in their
-            # bracket (many items) get an even grid in float-bit order over (a, c) instead
+            # next probes: a grid _SPACING items apart (fewer when the bracket holds few) around the regula
+            # falsi point of f = 0; rows whose last step did not halve the items in their bracket (many
+            # items) get an even grid in float-bit order over (a, c) instead
             p = _PROBES
-            t = ca + (cc - ca) * (fa / mi) + ((cc - ca) / np.maximum(mi, p + 1)) * _offsets(p)
+            width = cc - ca
+            t = ca + width * (fa / mi) + (width * np.minimum(_SPACING, mi / (p + 1)) / mi) * _offsets(p)
             slow = np.flatnonzero((mi > 0.5 * items) & (mi > 2 * p + 2))
             if slow.size:
                 t[:, slow] = _key_grid(ca[slow], cc[slow], p, npdt)
@@ -430,47 +425,35 @@ def _key_grid(a: np.ndarray, c: np.ndarray, p: int, npdt: type) -> np.ndarray:
 
 
 def _read_pair(x: Tensor, k: int | Tensor, kv: np.ndarray, final: np.ndarray, work: Tensor, theta: bool):
-    """The exact pair from the brackets of :func:`_pair_search`; rows it cannot certify go to ``_pair_direct``.
+    """The exact pair from the upper probes of :func:`_pair_search`; rows it cannot certify go to ``_pair_direct``.
 
-    Candidates (:func:`_nearest`, one pass set): rows with fc == 0 take x_(k) = the item nearest above c
-    and x_(k+1) = the nearest below c; rows with fa == 1, fc == -1 take the nearest below c and the
-    nearest above a. Certificates, exact: a candidate inside a bracket that holds one item is that item
-    (lower: fa == 1 and a < x_(k+1) <= c; upper: f2 == -1 and c < x_(k) <= c2; pair rows: two distinct
-    candidates inside (a, c]). Rows left uncertified are checked by counting: count(x >= x_(k)) == k and
-    count(x > x_(k+1)) == k hold iff the two are the k-th and (k+1)-th largest. Rows failing (ties, an
-    item at a probe, rounding) are redone by ``_pair_direct``.
+    Per row, count(x > c) = k + fc with fc <= -1, so x_(k) and x_(k+1) are the (-fc)-th and (1-fc)-th items
+    nearest below c. :func:`_nearest_below` enumerates the J = 2 - fc nearest (one more than needed) by
+    repeated ``amin`` of r = 1 / (x - c'), c' just above c, with the column index in the low mantissa bits
+    of r. Certificate, exact: those bits can reorder only items whose r agree above them, so if the
+    (1-fc)-th pick's r, with the index bits cleared, is strictly below the J-th's, the first 1 - fc picks
+    are exactly the 1 - fc items nearest below c; they are then ordered by value. Rows whose search gave up
+    (fa NaN: ties, stalls) or that fail the certificate (ties at x_(k+1)) are redone by ``_pair_direct``.
     """
     b, n = x.shape
-    a, c, fa, fc, c2, f2 = final
-    use_c = fc == 0
-    pair = ~use_c & (fa == 1) & (fc == -1)
-    rp = np.flatnonzero(pair)
-    up, dn = _nearest(x, c, rp, a[rp], work)  # (b + |rp|,) candidate indices
-    ik = np.where(use_c, up[:b], dn[:b])
-    ik1 = dn[:b].copy()
-    ik1[rp] = up[b:]
-    xn = x.numpy()
-    ar = np.arange(b)
-    yk, yk1 = xn[ar, ik], xn[ar, ik1]
-    yk64, yk164 = yk.astype(np.float64), yk1.astype(np.float64)
-    lower = (fa == 1) & (yk164 > a) & (yk164 <= c)
-    sure = use_c & lower & (f2 == -1) & (yk64 > c) & (yk64 <= c2)
-    sure |= pair & (ik != ik1) & (yk64 > a) & (yk64 <= c) & lower
-    swap = sure & pair & (yk < yk1)
-    if swap.any():
-        yk[swap], yk1[swap], ik[swap], ik1[swap] = yk1[swap], yk[swap], ik1[swap], ik[swap]
-    ok = sure.copy()
-    check = np.flatnonzero(~sure & (use_c | pair))
-    if check.size:  # count-check the rest (all rows in one pass, or a gathered copy of the few)
-        xs = x if check.size > _CHECK_ALL * b else torch.index_select(x, 0, torch.from_numpy(check))
-        rows = ar if xs is x else check
-        cnt = work[: xs.shape[0] * n].view(xs.shape[0], n)
-        torch.ge(xs, torch.from_numpy(yk[rows]).unsqueeze(1), out=cnt)
-        good = cnt.sum(1).numpy() == kv[rows]
-        torch.gt(xs, torch.from_numpy(yk1[rows]).unsqueeze(1), out=cnt)
-        good &= cnt.sum(1).numpy() == kv[rows]
-        ok[rows] |= good & (use_c | pair)[rows]
-    bad = np.flatnonzero(~ok)
+    npdt = np.float32 if x.dtype == torch.float32 else np.float64
+    _, c, fa, fc = final
+    good = ~np.isnan(fa)
+    need = np.where(good, 1 - fc, 1).astype(np.int64)  # picks that hold x_(k) and x_(k+1)
+    yk, yk1 = np.zeros(b, npdt), np.zeros(b, npdt)
+    ik, ik1 = np.zeros(b, np.int64), np.zeros(b, np.int64)
+    if good.any():
+        ar = np.arange(b)
+        idx, key = _nearest_below(x, np.nextafter(c.astype(npdt), npdt(np.inf)), need + 1, work)
+        good &= key[need - 1, ar] < key[need, ar]  # the first `need` picks are the `need` nearest
+        vals = x.numpy()[ar, idx[:-1]]  # (J - 1, b); picks past a row's need are junk, never read
+        live = np.arange(vals.shape[0])[:, None] < need
+        order = np.argsort(np.where(live, -vals.astype(np.float64), np.inf), axis=0, kind="stable")
+        top = order[need - 1, ar]  # x_(k+1): the smallest of the picks
+        nxt = order[np.maximum(need - 2, 0), ar]  # x_(k): the second smallest
+        ik, ik1 = idx[nxt, ar], idx[top, ar]
+        yk, yk1 = vals[nxt, ar], vals[top, ar]
+    bad = np.flatnonzero(~good)
     if bad.size:
         rb = torch.from_numpy(bad)
         kb = k.index_select(0, rb) if isinstance(k, Tensor) else k
@@ -481,31 +464,46 @@ def _read_pair(x: Tensor, k: int | Tensor, kv: np.ndarray, final: np.ndarray, wo
     return torch.from_numpy(yk), torch.from_numpy(ik), torch.from_numpy(yk1), torch.from_numpy(ik1)
 
 
-def _nearest(x: Tensor, t: np.ndarray, rows: np.ndarray, t2: np.ndarray, work: Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Candidate indices of the items nearest above and nearest below ``t`` in each row of ``x`` (B, n),
-    followed by the same for rows ``rows`` of ``x`` against ``t2``: two (B + len(rows),) arrays.
+def _nearest_below(x: Tensor, t: np.ndarray, count: np.ndarray, work: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """The ``count[i]`` items nearest below ``t[i]`` in each row i of ``x`` (B, n), nearest first, as
+    candidates: indices (J, B) and order keys (J, B), J = max(count), exact up to the index bits (below);
+    entries past a row's count are unspecified.
 
-    r = 1 / (x - t) is largest at the item nearest above t and smallest at the nearest below. Index
-    reductions are several times slower than ``amax`` on CPU, so the column index is written into the
-    low mantissa bits of r (which perturbs the order only among items whose r agree to ~n ulps) and
-    read back from the ``amax`` / ``amin`` values. Candidates only: the caller certifies them.
+    r = 1 / (x - t) is most negative at the item nearest below t. Index reductions are several times slower
+    than ``amin`` on CPU, so the column index is written into the low mantissa bits of r and read back
+    from the ``amin`` value; each pick is then set to +inf so that the next ``amin`` finds the next item.
+    The key of a pick is its r with the index bits cleared: exact, monotone in r, and blind only to the
+    index bits, so a strictly smaller key means a truly nearer item. Rows that need more picks are copied
+    together (into the other half of ``work``, 2 B n elements) once they are at most half of those still picking.
     """
     b, n = x.shape
-    m = b + rows.size
-    r = work[: m * n].view(m, n)
+    r = work[: b * n].view(b, n)
     npdt = np.float32 if x.dtype == torch.float32 else np.float64
-    torch.sub(x, torch.from_numpy(t.astype(npdt)).unsqueeze(1), out=r[:b])
-    if rows.size:
-        torch.index_select(x, 0, torch.from_numpy(rows), out=r[b:])
-        r[b:].sub_(torch.from_numpy(t2.astype(npdt)).unsqueeze(1))
-    r.reciprocal_()
-    ri = r.view(torch.int32 if x.dtype == torch.float32 else torch.int64)
+    ndt = np.int32 if npdt == np.float32 else np.int64
+    torch.sub(x, torch.from_numpy(t.astype(npdt)).unsqueeze(1), out=r).reciprocal_()
+    idt = torch.int32 if x.dtype == torch.float32 else torch.int64
     bits = max(n - 1, 1).bit_length()
-    ri.bitwise_and_(-(1 << bits)).bitwise_or_(_column_codes(n, ri.dtype))
+    r.view(idt).bitwise_and_(-(1 << bits)).bitwise_or_(_column_codes(n, idt))
     mask = (1 << bits) - 1
-    up = r.amax(1).view(ri.dtype).numpy() & mask
-    dn = r.amin(1).view(ri.dtype).numpy() & mask
-    return np.minimum(up, n - 1).astype(np.int64), np.minimum(dn, n - 1).astype(np.int64)
+    total = int(count.max())
+    idx = np.zeros((total, b), np.int64)
+    key = np.zeros((total, b), npdt)
+    rows = np.arange(b)  # batch row of each row of r
+    for j in range(total):
+        v = r.amin(1).numpy().view(ndt)
+        idx[j, rows] = np.minimum(v & mask, n - 1)
+        key[j, rows] = (v & ~mask).view(npdt)
+        if j + 1 == total:
+            break
+        more = count[rows] > j + 1
+        if np.count_nonzero(more) <= rows.size // 2:  # copy the rows that need more picks together
+            keep = np.flatnonzero(more)
+            half = b * n if r.data_ptr() == work.data_ptr() else 0  # the half of ``work`` r is not in
+            r = torch.index_select(r, 0, torch.from_numpy(keep), out=work[half: half + keep.size * n].view(-1, n))
+            rows = rows[keep]
+        base = torch.arange(0, rows.size * n, n)
+        r.view(-1).index_fill_(0, base + torch.from_numpy(idx[j, rows]), math.inf)
+    return idx, key
 
 
 _CODES: dict = {}
