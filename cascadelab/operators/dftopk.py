@@ -161,7 +161,7 @@ def _tiny_logits(scores: Tensor, k: int, tau: float) -> Tensor:
     n = scores.shape[-1]
     kth = torch.kthvalue(scores, n - k + 1, dim=-1, keepdim=True).values  # k-th largest
     nxt = torch.kthvalue(scores, n - k, dim=-1, keepdim=True).values  # (k+1)-th largest
-    return (scores - (kth + nxt) * 0.5) / tau
+    return torch.sub(scores, kth + nxt, alpha=0.5).div_(tau)  # (x - theta) / tau in two kernels
 
 
 class _DFTopKFunction(torch.autograd.Function):
