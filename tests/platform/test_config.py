@@ -34,6 +34,7 @@ def test_unknown_key_lists_valid_keys():
     ("objective.name=magic", "unknown objective 'magic'"),
     ("stages=[{model: dssm, k: 10}, {model: din, k: 20}]", r"stages\[1\].k"),
     ("train.use_gpu=maybe", "train.use_gpu"),
+    ("data.parquet_reader=v3", "config key 'data.parquet_reader': expected one of auto, v1, v2, got 'v3'"),
     ("justakey", "expected key=value"),
 ])
 def test_bad_values_name_the_key(override, match):

@@ -37,7 +37,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cascadelab.platform.data.ingest import ArrowToTorch, day_files, read_day
+from cascadelab.platform.data.ingest import ArrowToTorch, day_files, pick_reader, read_day
 from cascadelab.platform.data.recflow import peak_rss_mib
 from cascadelab.platform.data.schema import DatasetMeta, columns_for, groups_for
 from cascadelab.platform.data.synthetic import SyntheticConfig, generate
@@ -59,6 +59,7 @@ class IngestBenchConfig:
     data: str | None = None  # an existing dataset instead of generating one (its first day is read)
     day: str | None = None
     seed: int = 0
+    parquet_reader: str = "auto"  # Ray Data's Parquet reader, as data.parquet_reader in training configs
 
 
 def pyarrow_floor(files: list[str], groups: tuple[str, ...], batch_size: int, sample_num: int, seed: int,
@@ -134,7 +135,7 @@ def ray_data_rates(files: list[str], root: str, day: str, meta: DatasetMeta, gro
     from ray.train import DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    ds = read_day(root, day, meta, groups, files=files)
+    ds = read_day(root, day, meta, groups, files=files, reader=cfg.parquet_reader)
     trainer = TorchTrainer(
         _consume_loop,
         train_loop_config={"groups": list(groups), "sample_num": cfg.sample_num, "vocab": meta.vocab,
@@ -168,10 +169,12 @@ def run_ingest_bench(cfg: IngestBenchConfig, out_dir: Path) -> dict:
     import ray
 
     from cascadelab.platform.bench.train import bare_loop_rate
-    from cascadelab.platform.config import load_config
+    from cascadelab.platform.config import PARQUET_READERS, load_config
     from cascadelab.platform.runtime import ensure_ray
     from cascadelab.platform.train.run import torch_threads
 
+    if cfg.parquet_reader not in PARQUET_READERS:
+        raise ValueError(f"parquet_reader: expected one of {', '.join(PARQUET_READERS)}, got {cfg.parquet_reader!r}")
     out_dir = Path(out_dir)
     with tempfile.TemporaryDirectory() as tmp:
         root = cfg.data
@@ -196,6 +199,7 @@ def run_ingest_bench(cfg: IngestBenchConfig, out_dir: Path) -> dict:
         step = ray.get(ray.remote(num_cpus=cfg.cpus_per_worker, max_calls=1)(bare_loop_rate).remote(
             base, meta, [day], threads, cfg.train_batches))
         result: dict = {"config": asdict(cfg), "files": len(files), "data_mib": size_mib, "day": day,
+                        "parquet_reader": pick_reader(files, cfg.parquet_reader),
                         "torch_threads": threads, "pyarrow": floor, "train_step": step}
         ratios: dict[str, float] = {"pyarrow_floor_rows_per_s": floor["pyarrow_floor_rows_per_s"],
                                     "train_step_rows_per_s": step["samples_per_s"]}

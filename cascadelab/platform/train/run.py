@@ -188,32 +188,35 @@ def run_training(cfg: CascadeConfig, resume: str | None = None, tags: dict[str, 
     def files(day: str) -> list[str] | None:
         return None if checked is None else checked.good[day]
 
-    datasets = {f"train-{d}": read_day(cfg.data.path, d, meta, groups, cfg.data.max_rows_per_day, files(d))
-                for d in train_days}
-    datasets["eval"] = read_day(cfg.data.path, eval_day, meta, groups, cfg.data.max_rows_per_day, files(eval_day))
-    resources = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
-    threads = torch_threads(cfg)
-    ordered = ExecutionOptions(preserve_order=True)  # deterministic batches: exact mid-day resume
-    marker = None if "://" in storage else str(Path(storage) / run_name / ".injected_failure")
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "config": resolved, "train_days": train_days, "groups": list(groups), "vocab": meta.vocab,
-            "tracking_uri": uri, "run_id": run_id, "torch_threads": threads,
-            "rows_per_day": meta.rows_per_day, "progress": sys.stderr.isatty(), "failure_marker": marker,
-            "eval_day": eval_day,
-        },
-        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=resources),
-        datasets=datasets,
-        dataset_config=DataConfig(execution_options={name: ordered for name in datasets}),
-        run_config=RunConfig(name=run_name, storage_path=storage,
-                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                             callbacks=list(callbacks or []),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep)),
-    )
+    def dataset(day: str):
+        return read_day(cfg.data.path, day, meta, groups, cfg.data.max_rows_per_day, files(day),
+                        reader=cfg.data.parquet_reader)
+
     t0 = time.perf_counter()
-    try:
+    try:  # planning the datasets reads files too (footers; v1 samples rows)
+        datasets = {f"train-{d}": dataset(d) for d in train_days}
+        datasets["eval"] = dataset(eval_day)
+        resources = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+        threads = torch_threads(cfg)
+        ordered = ExecutionOptions(preserve_order=True)  # deterministic batches: exact mid-day resume
+        marker = None if "://" in storage else str(Path(storage) / run_name / ".injected_failure")
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={
+                "config": resolved, "train_days": train_days, "groups": list(groups), "vocab": meta.vocab,
+                "tracking_uri": uri, "run_id": run_id, "torch_threads": threads,
+                "rows_per_day": meta.rows_per_day, "progress": sys.stderr.isatty(), "failure_marker": marker,
+                "eval_day": eval_day,
+            },
+            scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
+                                         resources_per_worker=resources),
+            datasets=datasets,
+            dataset_config=DataConfig(execution_options={name: ordered for name in datasets}),
+            run_config=RunConfig(name=run_name, storage_path=storage,
+                                 failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                                 callbacks=list(callbacks or []),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep)),
+        )
         result = trainer.fit()
     except BaseException as exc:
         end_run(uri, run_id, "FAILED")

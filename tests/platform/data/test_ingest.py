@@ -45,3 +45,18 @@ def test_nan_label_is_named(table_and_meta):
     bad = table.set_column(table.schema.get_field_index("rank_neg_label"), "rank_neg_label", col)
     with pytest.raises(DataError, match="day 'D': field '<group>_label' holds NaN"):
         ArrowToTorch(GROUPS_TWO_STAGE, vocab=meta.vocab, source="day 'D'")(bad.slice(0, 8))
+
+
+def test_pick_reader_by_day_size(tmp_path, monkeypatch):
+    from cascadelab.platform.data import ingest
+
+    files = []
+    for i in range(3):
+        f = tmp_path / f"part-{i}.parquet"
+        f.write_bytes(b"x" * 1000)
+        files.append(str(f))
+    assert ingest.pick_reader(files) == "v1"  # tiny day: v2's per-dataset start-up would dominate
+    monkeypatch.setattr(ingest, "V2_MIN_BYTES", 2500)
+    assert ingest.pick_reader(files) == "v2"
+    assert ingest.pick_reader(files, "v1") == "v1" and ingest.pick_reader(files[:1], "v2") == "v2"
+    assert ingest.pick_reader([str(tmp_path / "elsewhere.parquet")]) == "v2"  # size unknown: large
