@@ -104,3 +104,25 @@ def test_diff_sort_bad_options():
         diff_sort(GOOD, 1.0, network="merge")
     with pytest.raises(ValueError, match="'relaxation'"):
         diff_sort(GOOD, 1.0, relaxation="optimal")
+
+
+@pytest.mark.parametrize("numel", [7, 4096, (1 << 15) - 1, 1 << 15, 1 << 16])  # both sides of each check
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, "inf-inf"])
+def test_check_scores_finds_any_non_finite(numel, bad):
+    from cascadelab.operators._checks import check_scores
+
+    s = torch.randn(numel)
+    if bad == "inf-inf":  # sums to NaN
+        s[0], s[-1] = math.inf, -math.inf
+    else:
+        s[numel // 2] = bad
+    with pytest.raises(ValueError, match="'scores' contains NaN or inf"):
+        check_scores(s)
+
+
+def test_check_scores_accepts_finite_values_whose_sum_overflows():
+    from cascadelab.operators._checks import check_scores
+
+    s = torch.full((2, 8), 1.7e308, dtype=torch.float64)  # the float64 sum is inf; every value is finite
+    assert check_scores(s) is s
+    assert check_scores(torch.full((9,), 6.0e4, dtype=torch.float16)) is not None
