@@ -65,7 +65,7 @@ class _LapSumTopK(torch.autograd.Function):
         else:
             full = None if k < n else torch.ones_like(y[:, :1], dtype=torch.bool)
             kk = float(k) if k < n else n - 0.5
-        if y.device.type == "cpu" and y.numel() <= _NUMPY_MAX_ELEMENTS:  # launch-bound: all in NumPy float64
+        if _host(y) and y.numel() <= _NUMPY_MAX_ELEMENTS:  # launch-bound: all in NumPy float64
             yn = y.to(torch.float64).numpy()
             d = yn - _solve_small_np(yn, kk)[:, None]
             fn = np.exp(-np.abs(d)) * 0.5
@@ -105,7 +105,7 @@ def _solve_threshold(y: Tensor, k: Tensor | float) -> Tensor:
     torch kernel several); CPU problems of at most ``_NUMPY_MAX_ELEMENTS`` skip torch altogether
     (:func:`_solve_small_np`, called by the forward). Other devices stay in torch.
     """
-    if y.device.type == "cpu":
+    if _host(y):
         ys_t = torch.sort(y, dim=1).values.to(torch.float64)
         t = _solve_sorted(ys_t, k)
         wide = torch.nonzero(ys_t[:, -1] - ys_t[:, 0] > 2 * _MAX_HALF_SPAN).flatten()
@@ -118,6 +118,12 @@ def _solve_threshold(y: Tensor, k: Tensor | float) -> Tensor:
     if bool(wide.any()):
         t = torch.where(wide, _solve_threshold_logspace(y, k).to(t.dtype), t)
     return t.to(y.dtype)
+
+
+def _host(t: Tensor) -> bool:
+    """Whether the O(B) work runs in NumPy (CPU tensors); the torch-only path serves other devices (and
+    is tested on CPU by patching this)."""
+    return t.device.type == "cpu"
 
 
 _MAX_HALF_SPAN = 300.0
@@ -155,7 +161,7 @@ def _solve_sorted(ys: Tensor, k: Tensor | float) -> np.ndarray | Tensor:
     bb[:, -1] = 0.0
     g = torch.sub(a, bb).mul_(0.5).add_(_countdown(n, ys.device, ys.dtype)[1])
     m = (g >= k).sum(1, keepdim=True)  # t lies in [y_m, y_(m+1)); m = 0: left of y_1
-    if ys.device.type == "cpu":
+    if _host(ys):
         mn = m.numpy()[:, 0]
         rows, ref = np.arange(b), np.maximum(mn - 1, 0)
         an, bn, yn = a.numpy(), bb.numpy(), ys.numpy()

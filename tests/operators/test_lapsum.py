@@ -102,3 +102,21 @@ def test_properties(n, data):
     if gaps > 1e-3:  # alpha -> 0: the hard top-k mask
         torch.testing.assert_close(lapsum_topk(s, k, float(gaps) / 100), hard_topk_mask(s, k).double(),
                                    atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("batch,n", [(6, 50), (40, 600)])
+def test_device_path_matches_on_cpu(monkeypatch, batch, n):
+    """The torch-only path that CUDA tensors take (no NumPy), run on CPU: same values, wide rows included."""
+    from cascadelab.operators import lapsum as lapsum_module
+
+    monkeypatch.setattr(lapsum_module, "_host", lambda t: False)
+    s = torch.randn(batch, n, dtype=torch.float64)
+    s[::4] *= 400.0
+    for k in (n // 3, torch.randint(1, n, (batch,)).double()):
+        p = lapsum_topk(s, k, 0.5)
+        torch.testing.assert_close(p, ref_lapsum(s, k, 0.5), atol=1e-9, rtol=1e-7)
+    s32 = torch.randn(batch, n).requires_grad_()
+    p32 = lapsum_topk(s32, 7, 0.5)
+    torch.testing.assert_close(p32.double(), ref_lapsum(s32.detach(), 7, 0.5), atol=1e-5, rtol=1e-5)
+    p32.sum().backward()
+    assert torch.isfinite(s32.grad).all()
