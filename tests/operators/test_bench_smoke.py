@@ -35,6 +35,10 @@ def test_tiny_run_writes_json_and_png(tmp_path):
     assert data["meta"]["allocator"].startswith("glibc: heap only")  # the CI machine runs glibc
     assert "dftopk_over_floor_b3_n1000" in data["ratios"]
     assert "dftopk_logits_over_floor_logits_b3_n1000" in data["ratios"]
+    head = data["headline"]  # the interleaved re-timing of the target cases (here N = 40, the largest)
+    assert set(head) >= {"b3_n40", "b1_n5", "b1_n40"} and head["b3_n40"]["rounds"]["floor"] >= 5
+    assert data["ratios"]["headline_b3_n40_dftopk_over_floor"] == head["b3_n40_dftopk_over_floor"] > 0
+    assert head["b1_n5_official_over_dftopk"] > 0
     mem = data["memory"]["rows"]
     assert mem and all(r["saved_bytes_operator"] > 0 for r in mem)
 
@@ -57,6 +61,7 @@ def test_lapsum_reference_is_timed_beside_ours(tmp_path):
     report = run_operator_bench(cfg, tmp_path)
     assert {r["operator"] for r in report["results"] if r["status"] == "ok"} == {"lapsum", "lapsum-reference"}
     assert report["ratios"]["lapsum_over_reference_b2_n40"] > 0
+    assert report["ratios"]["headline_b2_n40_lapsum_over_reference"] > 0
 
 
 def test_lapsum_reference_must_define_soft_top_k(tmp_path):

@@ -26,6 +26,12 @@ Baselines timed in the same run:
   calls, autograd through them.
 * ``neuralsort-reference-style``: NeuralSort with ``|s_i - s_j| @ 1 1^T`` (the O(n^3) form).
 
+Headline (``headline_rounds``, default 40): after the grid, the target cases are timed again with the
+operators of each comparison interleaved step by step (floor, dftopk, official, floor-logits,
+dftopk-logits; lapsum beside the authors' code), so that drift on a shared machine hits both sides of
+each ratio alike: at the largest batch for N = 1000 and the largest N, and at batch 1 for every N. The
+``headline_*`` ratios are the ones to read for the targets (:func:`_headline`).
+
 Skips (recorded in the JSON as ``"skipped: <reason>"``): O(n^2)-memory operators when
 B * N * N * 4 bytes > ``max_quadratic_bytes`` (2 GiB); and, to keep the default run to a few minutes on
 2 cores, O(n^2) operators with B * N^2 > ``max_quadratic_elements`` and cases whose estimated
@@ -114,6 +120,10 @@ class OperatorBenchConfig:
     # steps measure the kernel's page faults (the floor alone grew 15.6x for 10x the elements) rather
     # than the operators. Restored afterwards; recorded in the JSON meta.
     keep_freed_memory: bool = True
+    # After the grid, the target cases are timed again with the operators of each comparison interleaved
+    # step by step, up to this many rounds: drift on a shared machine then hits both sides of a ratio
+    # alike (the grid times each case's steps back to back). 0 = skip. See _headline.
+    headline_rounds: int = 40
     # A Python file with the LapSum authors' pure-PyTorch ``soft_top_k(r, k, alpha)`` (github.com/gmum/LapSum,
     # tutorial_notebooks/soft_topk.ipynb; not shipped here). When set, it is timed as "lapsum-reference"
     # beside ours, with ``k`` as a per-row float tensor and ``alpha`` as a tensor, as that code expects.
@@ -200,6 +210,10 @@ def _run(cfg: OperatorBenchConfig, out_dir: Path, allocator: str = "default") ->
         "ratios": _ratios(results, cfg),
         "ratios_from_min": _ratios(results, cfg, "min_ms"),
     }
+    if cfg.headline_rounds > 0:
+        report["headline"] = _headline(cfg, device, dtype)
+        report["ratios"].update({f"headline_{key}": value for key, value in report["headline"].items()
+                                 if isinstance(value, float)})
     if cfg.memory and "dftopk" in cfg.operators:
         report["memory"] = _dftopk_memory(cfg, device, dtype)
     (out_dir / "operators.json").write_text(json.dumps(report, indent=2))
@@ -405,6 +419,56 @@ def _ratios(results: list[dict], cfg: OperatorBenchConfig, stat: str = "median_m
         out[f"neuralsort_reference_over_ours_b{small}_n{n}"] = _ratio(f("neuralsort-reference-style", small, n),
                                                                       f("neuralsort", small, n))
     return out
+
+
+HEADLINE_OPERATORS = ("floor", "dftopk", "dftopk-official-style", "floor-logits", "dftopk-logits")
+
+
+def _headline(cfg: OperatorBenchConfig, device, dtype) -> dict:
+    """The target ratios from interleaved timing: each round runs one step of every operator of a group.
+
+    Groups: the DFTopK set (``HEADLINE_OPERATORS``, when dftopk is benchmarked) at the largest batch for
+    N = 1000 and the largest N, and at batch 1 for every N; LapSum beside the authors' code (when given)
+    for the same cases. Rounds are cut so that a group takes about
+    2 * ``max_seconds_per_case`` (at least 5).
+    """
+    big_b, big_n = max(cfg.batch_sizes), max(cfg.sizes)
+    cases = [(big_b, n) for n in sorted({1000, big_n} & set(cfg.sizes))]
+    if 1 in cfg.batch_sizes and big_b != 1:
+        cases += [(1, n) for n in cfg.sizes]
+    groups = [(b, n, HEADLINE_OPERATORS) for b, n in cases] if "dftopk" in cfg.operators else []
+    if cfg.lapsum_reference and "lapsum" in cfg.operators:
+        groups += [(b, n, ("lapsum", "lapsum-reference")) for b, n in cases]
+    out: dict = {"rounds_max": cfg.headline_rounds}
+    for b, n, ops in groups:
+        med, rounds = _interleaved(cfg, ops, b, n, device, dtype)
+        key = f"b{b}_n{n}"
+        out.setdefault(key, {"rounds": {}})["rounds"][ops[0]] = rounds
+        out[key].update({f"{op}_median_ms": t for op, t in med.items()})
+        if "dftopk" in med:
+            out[f"{key}_dftopk_over_floor"] = med["dftopk"] / med["floor"]
+            out[f"{key}_official_over_dftopk"] = med["dftopk-official-style"] / med["dftopk"]
+            out[f"{key}_dftopk_logits_over_floor_logits"] = med["dftopk-logits"] / med["floor-logits"]
+        else:
+            out[f"{key}_lapsum_over_reference"] = med["lapsum"] / med["lapsum-reference"]
+    first, last = f"b{big_b}_n1000", f"b{big_b}_n{big_n}"
+    if big_n != 1000 and first in out and last in out:
+        out[f"b{big_b}_dftopk_n{big_n}_over_n1000"] = out[last]["dftopk_median_ms"] / out[first]["dftopk_median_ms"]
+        out[f"b{big_b}_floor_n{big_n}_over_n1000"] = out[last]["floor_median_ms"] / out[first]["floor_median_ms"]
+    return out
+
+
+def _interleaved(cfg: OperatorBenchConfig, ops: tuple[str, ...], batch: int, n: int, device,
+                 dtype) -> tuple[dict[str, float], int]:
+    steps = {op: _make_step(cfg, op, batch, n, device, dtype) for op in ops}
+    first = {op: _time_steps(step, 2, device)[-1] for op, step in steps.items()}  # warm-up + one timing
+    rounds = max(5, min(cfg.headline_rounds, int(2 * cfg.max_seconds_per_case * 1e3 / max(sum(first.values()),
+                                                                                             1e-3))))
+    times: dict[str, list[float]] = {op: [] for op in steps}
+    for _ in range(rounds):
+        for op, step in steps.items():
+            times[op].extend(_time_steps(step, 1, device))
+    return {op: statistics.median(t) for op, t in times.items()}, rounds
 
 
 def _load_reference(path: str | None) -> Callable:
