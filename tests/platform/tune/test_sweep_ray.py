@@ -9,6 +9,7 @@ the test session's), is killed with SIGKILL once the first trial has finished, a
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -70,6 +71,15 @@ def _no_session_ray():
         ray.shutdown()
 
 
+def _committed_checkpoints(run_dir: Path) -> int:
+    """Checkpoints Ray Train has committed for a run (its snapshot lags the checkpoint_* directories: a
+    run killed between the two restarts from the last committed one)."""
+    try:
+        return len(json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
 def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, tiny_dataset, capsys):
     from mlflow import MlflowClient
 
@@ -108,7 +118,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, tiny_d
 
         def in_flight():  # a trial past its first day: it must continue from that day's checkpoint
             return [r for r in _children(client, parent.info.run_id) if r.info.status == "RUNNING"
-                    and any((sweep_dir / "train" / r.info.run_name).glob("checkpoint_*"))]
+                    and _committed_checkpoints(sweep_dir / "train" / r.info.run_name) >= 1]
 
         running = _wait(in_flight, 300, proc, log, "a trial with a checkpoint", poll=0.5)
     finally:
@@ -140,10 +150,12 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, tiny_d
         assert len(client.get_metric_history(run_id, "joint_recall")) == 1
         same = [r for r in children if r.data.tags["cascadelab.trial_id"] == run.data.tags["cascadelab.trial_id"]]
         assert len(same) == 1
-    for run in running:  # resumed in place: same MLflow run, day 0 not trained again
+    for run in running:  # resumed in place: same MLflow run, day 0 (committed before the kill) not trained again
         again = client.get_run(run.info.run_id)
         assert again.info.status == "FINISHED"
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [0, 1]
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train_loss"))
+        # day 1 may be logged twice: killed after its loss was logged but before Train committed its checkpoint
+        assert steps.count(0) == 1 and set(steps) == {0, 1}, steps
     first_two = sorted(children, key=lambda r: r.info.start_time)[:2]
     assert first_two[1].info.start_time < min(r.info.end_time for r in first_two)  # two trials at once
 
