@@ -87,13 +87,7 @@ def test_large_search_path_is_exact(dist, k):
         x[::7] = 1.5
     kk = torch.randint(1, n, (b,), generator=g) if k == "rows" else k
     assert x.numel() >= DFT._ITERATIVE_MIN_ELEMENTS
-    yk, ik, yk1, ik1 = DFT._kth_pair(x, kk)
-    srt = torch.sort(x, 1, descending=True).values
-    kt = torch.as_tensor(kk).expand(b).unsqueeze(1)
-    assert torch.equal(yk, srt.gather(1, kt - 1).squeeze(1))
-    assert torch.equal(yk1, srt.gather(1, kt).squeeze(1))
-    assert torch.equal(x.gather(1, ik.unsqueeze(1)).squeeze(1), yk)
-    assert torch.equal(x.gather(1, ik1.unsqueeze(1)).squeeze(1), yk1)
+    ik, ik1 = _exact_pair(x, kk)
     if dist == "gauss":
         assert not torch.equal(ik, ik1)
 
@@ -212,8 +206,9 @@ def test_permutation_equivariant(n, data):
     torch.testing.assert_close(dftopk(s[:, perm], k, 0.7), dftopk(s, k, 0.7)[:, perm])
 
 
-def _exact_pair(x: torch.Tensor, k) -> None:
-    """``_kth_pair`` returns the k-th and (k+1)-th largest values of every row and indices holding them."""
+def _exact_pair(x: torch.Tensor, k) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_kth_pair`` returns the k-th and (k+1)-th largest values of every row and indices holding them
+    (returned: the two index tensors)."""
     b = x.shape[0]
     yk, ik, yk1, ik1 = DFT._kth_pair(x, k)
     srt = torch.sort(x, 1, descending=True).values
@@ -222,6 +217,7 @@ def _exact_pair(x: torch.Tensor, k) -> None:
     assert torch.equal(yk1, srt.gather(1, kt).squeeze(1))
     assert torch.equal(x.gather(1, ik.unsqueeze(1)).squeeze(1), yk)
     assert torch.equal(x.gather(1, ik1.unsqueeze(1)).squeeze(1), yk1)
+    return ik, ik1
 
 
 def _adversarial(dist: str, b: int, n: int, g: torch.Generator) -> torch.Tensor:
