@@ -78,7 +78,6 @@ _FIRST_SPACING = 4.5  # the second step's probes, in expected item gaps
 _SPACING = 4.5  # later probes, in items (regula falsi estimate)
 _DIRECT_ROWS = 4  # from the third step on, once this many rows or fewer still search, they take the direct path
 _COMPACT_FRACTION = 0.75  # rows still searching are copied together once they are at most this part
-_CHECK_ALL = 0.5  # certificate counts run on all rows above this part, else on a gathered copy
 # Up to this many elements (no mask, int k) the logits are two kthvalue calls with plain autograd: at batch 1,
 # N = 10,000 that step took 420 us against 498 us through the custom Function (2 CPU threads); at 16 x 1000
 # 546 against 658; at 32 x 1000 the Function wins (1445 against 1580).
@@ -144,11 +143,10 @@ def _validate(scores: object, k: object, tau: object, mask: object):
 
 def _takes_search(scores: object, k: object, mask: object) -> bool:
     """True when ``_kth_pair`` will run the threshold search on all rows (decided before validation)."""
-    if (mask is not None or type(k) is not int or not isinstance(scores, Tensor)
-            or scores.numel() < _ITERATIVE_MIN_ELEMENTS or scores.dim() == 0):
+    if mask is not None or type(k) is not int or not isinstance(scores, Tensor) or scores.dim() == 0:
         return False
-    n = scores.shape[-1]
-    return 0 < k < n and 128 < n < 1 << 24 and scores.device.type == "cpu" and scores.dtype in _SEARCH_DTYPES
+    n = scores.shape[-1]  # rows of <= 128 items take the composed path; half precision is searched in float32
+    return 0 < k < n and n > 128 and _searchable(scores, _SEARCH_DTYPES)
 
 
 def _use_composed(scores: Tensor, k: int | Tensor, mask: Tensor | None) -> bool:
@@ -258,10 +256,11 @@ def _kth_pair(x: Tensor, k: int | Tensor) -> tuple[Tensor, Tensor, Tensor, Tenso
     return _pair_direct(x, k)
 
 
-def _searchable(x: Tensor) -> bool:
-    n = x.shape[1]
+def _searchable(x: Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float64)) -> bool:
+    """Whether rows of ``x`` (..., n) can take the CPU count search (``_pair_search``)."""
+    n = x.shape[-1]
     return (x.device.type == "cpu" and x.numel() >= _ITERATIVE_MIN_ELEMENTS and 64 <= n < 1 << 24
-            and x.dtype in (torch.float32, torch.float64))
+            and x.dtype in dtypes)
 
 
 def _pair_direct(x: Tensor, k: int | Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
