@@ -105,15 +105,13 @@ def _solve_threshold(y: Tensor, k: Tensor | float) -> Tensor:
     torch kernel several); CPU problems of at most ``_NUMPY_MAX_ELEMENTS`` skip torch altogether
     (:func:`_solve_small_np`, called by the forward). Other devices stay in torch.
     """
+    ys_t = torch.sort(y, dim=1).values.to(torch.float64)
+    t = _solve_sorted(ys_t, k)
     if _host(y):
-        ys_t = torch.sort(y, dim=1).values.to(torch.float64)
-        t = _solve_sorted(ys_t, k)
         wide = torch.nonzero(ys_t[:, -1] - ys_t[:, 0] > 2 * _MAX_HALF_SPAN).flatten()
         if wide.numel():
             t[wide.numpy()] = _solve_threshold_logspace(y.index_select(0, wide), _rows_of(k, wide))[:, 0].double()
         return torch.from_numpy(t).to(y.dtype).unsqueeze(1)
-    ys_t = torch.sort(y, dim=1).values.to(torch.float64)
-    t = _solve_sorted(ys_t, k)
     wide = ys_t[:, -1:] - ys_t[:, :1] > 2 * _MAX_HALF_SPAN
     if bool(wide.any()):
         t = torch.where(wide, _solve_threshold_logspace(y, k).to(t.dtype), t)
@@ -151,7 +149,7 @@ def _solve_sorted(ys: Tensor, k: Tensor | float) -> np.ndarray | Tensor:
 
     On CPU returns a NumPy (B,) array (the O(B) solve in NumPy), elsewhere a (B, 1) tensor.
     """
-    b, n = ys.shape
+    n = ys.shape[1]
     z = torch.sub(ys, (ys[:, :1] + ys[:, -1:]) * 0.5).exp_()  # e^(y_i - r)
     a = torch.cumsum(z, 1).div_(z)  # a_j in [1, j + 1]
     tail = torch.flip(z, (1,)).reciprocal_().cumsum_(1)  # reversed: sum_{i>=j} e^(r - y_i) at column n-1-j
@@ -162,13 +160,8 @@ def _solve_sorted(ys: Tensor, k: Tensor | float) -> np.ndarray | Tensor:
     g = torch.sub(a, bb).mul_(0.5).add_(_countdown(n, ys.device, ys.dtype)[1])
     m = (g >= k).sum(1, keepdim=True)  # t lies in [y_m, y_(m+1)); m = 0: left of y_1
     if _host(ys):
-        mn = m.numpy()[:, 0]
-        rows, ref = np.arange(b), np.maximum(mn - 1, 0)
-        an, bn, yn = a.numpy(), bb.numpy(), ys.numpy()
-        kn = k if isinstance(k, float) else k.double().numpy()[:, 0]
-        with np.errstate(divide="ignore"):
-            return _segment_solve_np(yn[rows, ref], np.log(an[rows, ref]), np.log(bn[rows, ref]),
-                                     np.log1p(bn[:, 0]), n - mn - kn, mn)
+        return _solve_at_counts_np(ys.numpy(), a.numpy(), bb.numpy(), m.numpy()[:, 0],
+                                   k if isinstance(k, float) else k.double().numpy()[:, 0])
     ref = (m - 1).clamp_min(0)
     return _segment_solve(ys.gather(1, ref), a.gather(1, ref).log(), bb.gather(1, ref).log(),
                           bb[:, :1].log1p(), n - m.to(ys.dtype) - k, m)
@@ -176,7 +169,7 @@ def _solve_sorted(ys: Tensor, k: Tensor | float) -> np.ndarray | Tensor:
 
 def _solve_sorted_np(ys: np.ndarray, k: np.ndarray | float) -> np.ndarray:
     """:func:`_solve_sorted` in NumPy: ``ys`` (B, n) sorted float64 rows, ``k`` float or (B,). Returns (B,)."""
-    b, n = ys.shape
+    n = ys.shape[1]
     with np.errstate(all="ignore"):  # wide rows over- or underflow here (inf / inf); they are redone
         z = np.exp(ys - 0.5 * (ys[:, :1] + ys[:, -1:]))
         a = np.cumsum(z, axis=1) / z
@@ -185,7 +178,16 @@ def _solve_sorted_np(ys: np.ndarray, k: np.ndarray | float) -> np.ndarray:
         np.multiply(z[:, :-1], after[:, 1:], out=bb[:, :-1])  # b_j = sum_{i>j} e^(y_j - y_i)
         m = np.count_nonzero(0.5 * (a - bb) + np.arange(n - 1, -1, -1) >= (k if isinstance(k, float) else k[:, None]),
                              axis=1)
-        rows, ref = np.arange(b), np.maximum(m - 1, 0)
+    return _solve_at_counts_np(ys, a, bb, m, k)
+
+
+def _solve_at_counts_np(ys: np.ndarray, a: np.ndarray, bb: np.ndarray, m: np.ndarray,
+                        k: np.ndarray | float) -> np.ndarray:
+    """t per row (B,) from the sorted rows ``ys``, their row sums ``a``, ``bb`` (B, n) and segment counts
+    ``m`` (B,): the closed form of :func:`_segment_solve_np` at y_max(m,1)."""
+    b, n = ys.shape
+    rows, ref = np.arange(b), np.maximum(m - 1, 0)
+    with np.errstate(all="ignore"):  # log(0) = -inf for b at m = n is the linear limit
         return _segment_solve_np(ys[rows, ref], np.log(a[rows, ref]), np.log(bb[rows, ref]), np.log1p(bb[:, 0]),
                                  n - m - k, m)
 
