@@ -27,6 +27,15 @@ def stage_names(num_stages: int) -> list[str]:
     return ["retrieval", *middle, "ranking"]
 
 
+def metric_names(num_stages: int, ndcg: bool = True) -> list[str]:
+    """Evaluation metric keys of a cascade, joint first: ``joint_recall``, then per stage (in cascade order)
+    ``<stage>_recall`` and, with ``ndcg``, ``<stage>_ndcg``. The keys :func:`metric_sums` produces."""
+    names = ["joint_recall"]
+    for stage in stage_names(num_stages):
+        names += [f"{stage}_recall", f"{stage}_ndcg"] if ndcg else [f"{stage}_recall"]
+    return names
+
+
 def select_topk(scores: Tensor, k: int, available: Tensor) -> Tensor:
     """``[B, n]`` bool: the ``k`` highest-scoring available candidates (all of them if fewer)."""
     k = min(k, scores.shape[-1])

@@ -33,7 +33,8 @@ class DataConfig:
     shuffle_buffer: int = 0  # rows in Ray Data's local shuffle buffer; 0 disables shuffling
     sample_num: int = 0  # in-batch negatives appended per request for training (DFTopK's --sample_num)
     eval_sample_num: int = 0  # ... for evaluation: 0 = LCRON protocol (40 logged), 160 = DFTopK (200 pool)
-    max_rows_per_day: int | None = None  # cap rows read per day (quick runs); None: all rows
+    max_rows_per_day: int | None = None  # cap rows read per training day (quick runs); None: all rows
+    max_eval_rows: int | None = None  # cap rows of the held-out day; None: the whole day (never the training cap)
     skip_bad_files: bool = False  # validate every file first; skip (log, count) bad ones instead of stopping
     # Ray Data's Parquet reader per day: "v2" (Ray 2.60's default; ~2x the streaming rate of v1, but 2-5 s
     # of listing and footer-reader start-up before each day's first batch), "v1", or "auto": v1 for days
