@@ -178,25 +178,42 @@ def _merge(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
             setattr(obj, key, _check_scalar(value, hints[key], full))
 
 
-def _parse_override(item: str) -> dict[str, Any]:
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"objective.tau=100"`` -> ``("objective.tau", 100)``: the value parsed as YAML (empty -> None)."""
     if "=" not in item:
         raise ConfigError(f"override '{item}': expected key=value, e.g. objective.tau=100")
     key, raw = item.split("=", 1)
     key = key.strip()
     if not key:
         raise ConfigError(f"override '{item}': empty key before '='")
-    value = yaml.safe_load(raw) if raw.strip() else None
+    return key, (yaml.safe_load(raw) if raw.strip() else None)
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``["a.b=1", "a.c=x"]`` -> ``{"a": {"b": 1, "c": "x"}}``: the one parser of ``--set key=value``."""
+    return unflatten(dict(parse_override(item) for item in items or []))
+
+
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    """``{"a.b": 1, "a.c": 2}`` -> ``{"a": {"b": 1, "c": 2}}`` (dotted keys to nested dicts; later keys win)."""
     nested: dict[str, Any] = {}
-    cursor = nested
-    parts = key.split(".")
-    for part in parts[:-1]:
-        cursor = cursor.setdefault(part, {})
-    cursor[parts[-1]] = value
+    for key, value in flat.items():
+        cursor = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(cursor.get(part), dict):
+                cursor[part] = {}
+            cursor = cursor[part]
+        cursor[parts[-1]] = value
     return nested
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> CascadeConfig:
-    """Defaults, then the YAML file at ``path`` (if any), then ``key=value`` overrides; validated."""
+def load_config(path: str | Path | None = None,
+                overrides: list[str] | dict[str, Any] | None = None) -> CascadeConfig:
+    """Defaults, then the YAML file at ``path`` (if any), then overrides; validated.
+
+    ``overrides``: ``key=value`` strings (``--set``) or a nested dict (:func:`parse_overrides`'s output).
+    """
     cfg = CascadeConfig()
     if path is not None:
         p = Path(path)
@@ -209,8 +226,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file '{p}': expected a mapping at the top level")
         _merge(cfg, loaded)
-    for item in overrides or []:
-        _merge(cfg, _parse_override(item))
+    if isinstance(overrides, dict):
+        _merge(cfg, overrides)
+    else:
+        for item in overrides or []:  # one at a time: a later override of a key wins
+            _merge(cfg, parse_overrides([item]))
     validate(cfg)
     return cfg
 
