@@ -23,6 +23,8 @@ import logging
 import sys
 from datetime import datetime
 
+from cascadelab.jobs import add_parser_of, submittable
+from cascadelab.jobs.common import run_main, setup_logging
 from cascadelab.platform.cluster.jobs import (
     ADDRESS_ENV,
     DEFAULT_ADDRESS,
@@ -31,6 +33,7 @@ from cascadelab.platform.cluster.jobs import (
     job_logs,
     job_status,
     list_jobs,
+    split_job_argv,
     stop_job,
     submit,
 )
@@ -116,7 +119,8 @@ def _print_jobs(jobs: list) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "submit":
-        job_id = submit(args.job, address=args.address, working_dir=args.working_dir,
+        name, rest = split_job_argv(args.job, submittable())
+        job_id = submit(name, rest, add_parser_of(name), address=args.address, working_dir=args.working_dir,
                         env_vars=_parse_env(args.env), wait=not args.no_wait, tail=not args.no_tail)
         if args.no_wait:
             return 0
@@ -148,8 +152,6 @@ def main(args: argparse.Namespace) -> int:
 
 def _standalone(argv: list[str] | None = None) -> int:
     """``python -m cascadelab.jobs.submit ...``: ``submit`` is implied unless the first word is ``jobs``."""
-    from cascadelab.jobs.common import run_main, setup_logging
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in ("submit", "jobs", "-h", "--help"):
         argv = ["submit", *argv]

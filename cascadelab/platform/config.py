@@ -16,6 +16,9 @@ from typing import Any
 
 import yaml
 
+from cascadelab.cascade.models import MODELS
+from cascadelab.cascade.objectives import OBJECTIVES
+
 PARQUET_READERS = ("auto", "v1", "v2")
 
 
@@ -237,9 +240,6 @@ def load_config(path: str | Path | None = None,
 
 def validate(cfg: CascadeConfig) -> None:
     """Checks that need more than a type: positive sizes, known names, stage sizes that shrink."""
-    from cascadelab.cascade.models import MODELS
-    from cascadelab.cascade.objectives import OBJECTIVES
-
     if not cfg.stages:
         raise ConfigError("config key 'stages': expected at least one stage")
     prev = None
@@ -278,6 +278,11 @@ def validate(cfg: CascadeConfig) -> None:
     for key in ("sample_num", "eval_sample_num"):
         if getattr(cfg.data, key) < 0:
             raise ConfigError(f"config key 'data.{key}': expected >= 0, got {getattr(cfg.data, key)}")
+    for key in ("max_rows_per_day", "max_eval_rows"):
+        value = getattr(cfg.data, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"config key 'data.{key}': expected a positive number of rows or null (no cap), "
+                              f"got {value}")
     if cfg.data.parquet_reader not in PARQUET_READERS:
         raise ConfigError(f"config key 'data.parquet_reader': expected one of {', '.join(PARQUET_READERS)}, "
                           f"got {cfg.data.parquet_reader!r}")

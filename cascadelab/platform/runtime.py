@@ -1,12 +1,43 @@
-"""Connecting to Ray: the embedded local cluster by default, a real cluster when RAY_ADDRESS is set."""
+"""Connecting to Ray: the embedded local cluster by default, a real cluster when RAY_ADDRESS is set.
+
+This module is the one place that sets or removes ``RAY_API_SERVER_ADDRESS`` (:func:`start_local`,
+:func:`scoped_env`). Ray is imported lazily, inside the functions that need a cluster.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import socket
 import sys
+from collections.abc import Iterator, Mapping
 
 log = logging.getLogger(__name__)
+
+#: How Ray's own processes and clients find the dashboard's HTTP (State / Jobs) API of a cluster.
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+
+
+def _put_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
+@contextlib.contextmanager
+def scoped_env(values: Mapping[str, str | None]) -> Iterator[None]:
+    """Inside the block each variable of ``values`` is set (a string) or removed (None); afterwards
+    every one of them is as it was before, whatever the block did to it."""
+    saved = {name: os.environ.get(name) for name in values}
+    try:
+        for name, value in values.items():
+            _put_env(name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            _put_env(name, value)
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
@@ -35,23 +66,19 @@ def start_local(num_cpus: int | None = None, keep_env: bool = False) -> None:
     only while the cluster starts (its processes inherit it) and removed afterwards, so that child
     processes of this one do not mistake it for their cluster's address.
     """
-    import socket
-
     import ray
 
-    if os.environ.get("RAY_API_SERVER_ADDRESS"):
+    if os.environ.get(API_SERVER_ENV):
         ray.init(num_cpus=num_cpus, include_dashboard=True, log_to_driver=True)
         return
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    try:
+    url = f"http://127.0.0.1:{port}"
+    with contextlib.nullcontext() if keep_env else scoped_env({API_SERVER_ENV: None}):
+        os.environ[API_SERVER_ENV] = url  # inherited by the cluster's processes
         ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
                  log_to_driver=True)
-    finally:
-        if not keep_env:
-            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
 
 
 def decide_use_gpu(requested: str) -> bool:

@@ -4,16 +4,30 @@ import sys
 import pytest
 
 from cascadelab.cli import build_parser, main
+from cascadelab.jobs import COMMANDS
 
 
 def test_every_subcommand_has_help(capsys):
-    parser = build_parser()
-    sub = next(a for a in parser._actions if a.dest == "command")
-    for name in sub.choices:
+    with pytest.raises(SystemExit) as exc:
+        build_parser(["--help"]).parse_args(["--help"])
+    listing = " ".join(capsys.readouterr().out.split())
+    assert exc.value.code == 0
+    for name, command in COMMANDS.items():
+        assert f"{name} {command.summary}" in listing
+        parser = build_parser([name, "--help"])
+        sub = next(a for a in parser._actions if a.dest == "command")
+        assert len(sub.choices[name]._actions) > 1  # the job module's own parser, not the summary
         with pytest.raises(SystemExit) as exc:
             parser.parse_args([name, "--help"])
-        assert exc.value.code == 0
-        assert name in capsys.readouterr().out
+        assert exc.value.code == 0 and capsys.readouterr().out.startswith(f"usage: cascadelab {name}")
+
+
+def test_listing_the_commands_imports_no_job_module():
+    code = ("import sys; from cascadelab.cli import build_parser; build_parser(['--help']); "
+            "print(sorted(m for m in sys.modules if m.startswith('cascadelab.jobs.')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "['cascadelab.jobs.common']"
 
 
 def test_generate_then_unknown_config_key(tmp_path, capsys):

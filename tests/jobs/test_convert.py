@@ -94,6 +94,5 @@ def test_standalone_module(release, tmp_path):
     assert "peak RSS" in proc.stderr and DatasetMeta.read(out).days == [DAYS[0]]
 
 
-@pytest.mark.skipif("convert" not in cli.JOB_MODULES, reason="convert is not registered in cascadelab.cli yet")
 def test_registered_cli(release, tmp_path):
     assert cli.main(["convert", "recflow", "--src", str(release), "--out", str(tmp_path / "o")]) == 0

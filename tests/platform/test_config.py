@@ -2,7 +2,15 @@ from pathlib import Path
 
 import pytest
 
-from cascadelab.platform.config import CascadeConfig, ConfigError, flatten, from_dict, load_config
+from cascadelab.platform.config import (
+    ConfigError,
+    flatten,
+    from_dict,
+    load_config,
+    parse_override,
+    parse_overrides,
+    unflatten,
+)
 
 
 def test_defaults_are_a_two_stage_dftopk_cascade():
@@ -36,6 +44,9 @@ def test_unknown_key_lists_valid_keys():
     ("train.use_gpu=maybe", "train.use_gpu"),
     ("data.parquet_reader=v3", "config key 'data.parquet_reader': expected one of auto, v1, v2, got 'v3'"),
     ("justakey", "expected key=value"),
+    ("=1", "empty key before '='"),
+    ("data.max_eval_rows=0", "config key 'data.max_eval_rows': expected a positive number of rows or null"),
+    ("data.max_rows_per_day=-5", "config key 'data.max_rows_per_day': expected a positive number of rows"),
 ])
 def test_bad_values_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match):
@@ -52,4 +63,27 @@ def test_round_trip_and_flatten():
     assert from_dict(cfg.to_dict()) == cfg
     flat = flatten(cfg.to_dict())
     assert flat["objective.tau"] == 3.0 and flat["stages.1.model"] == "din"
-    assert isinstance(CascadeConfig().to_dict(), dict)
+    assert flat["data.max_eval_rows"] is None and "data" not in flat  # leaves only, dotted
+
+
+def test_row_caps_accept_null_and_positive_counts():
+    cfg = load_config(None, ["data.max_eval_rows=", "data.max_rows_per_day=512"])
+    assert cfg.data.max_eval_rows is None and cfg.data.max_rows_per_day == 512
+
+
+def test_overrides_parse_as_yaml_into_one_nested_dict():
+    assert parse_override("objective.tau= 100") == ("objective.tau", 100)
+    assert parse_override("tracking.run_name=") == ("tracking.run_name", None)
+    assert parse_override("data.path=s3://b/x=y") == ("data.path", "s3://b/x=y")  # split at the first '='
+    nested = parse_overrides(["train.lr=0.5", "train.seed=3", "objective.name=bce", "train.lr=0.25"])
+    assert nested == {"train": {"lr": 0.25, "seed": 3}, "objective": {"name": "bce"}}
+    cfg = load_config(None, nested)  # a dict travels as is
+    assert (cfg.train.lr, cfg.train.seed, cfg.objective.name) == (0.25, 3, "bce")
+    assert load_config(None, ["train.lr=0.5", "train.lr=0.25"]).train.lr == 0.25  # the later string wins
+
+
+def test_unflatten_inverts_flatten_on_nested_mappings():
+    nested = {"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None}
+    assert flatten(nested) == {"a.b": 1, "a.c.d": [1, 2], "e": None}
+    assert unflatten(flatten(nested)) == nested
+    assert unflatten({"a": 1, "a.b": 2}) == {"a": {"b": 2}}  # a deeper key replaces a leaf

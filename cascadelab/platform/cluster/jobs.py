@@ -1,8 +1,10 @@
 """Submitting ``cascadelab`` jobs to a Ray cluster through the Ray Jobs API (a thin layer over
 ``ray.job_submission.JobSubmissionClient``).
 
-A job is one of the entry points in ``cascadelab.jobs`` (``train``, ``sweep``, ...). ``submit`` turns
-``["train", "--set", "k=v"]`` into the entrypoint ``python -m cascadelab.jobs.train --set k=v``, uploads
+A job is one of the entry points ``cascadelab.jobs.<name>`` (``train``, ``sweep``, ...); the caller
+(``cascadelab.jobs.submit``) names the valid jobs and hands over the job's argparse definition, so this
+layer imports nothing from ``cascadelab.jobs``. ``submit`` turns ``("train", ["--set", "k=v"])`` into the
+entrypoint ``python -m cascadelab.jobs.train --set k=v``, uploads
 the project directory as the job's ``working_dir`` (without data, results, local MLflow stores and
 virtualenvs: :data:`WORKING_DIR_EXCLUDES`), passes a few environment variables through
 (:data:`PASSTHROUGH_ENV`), prints the job id and, unless told otherwise, follows the job's logs until it
@@ -22,20 +24,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import importlib
 import logging
 import os
-import pkgutil
 import shlex
 import socket
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlsplit
+
+import yaml
+
+from cascadelab.platform.cluster.storage import uri_scheme
+from cascadelab.platform.config import flatten, parse_overrides
+from cascadelab.platform.runtime import scoped_env
+
+# Ray's job client is imported lazily (in connect), so that building a submission needs no Ray.
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +89,6 @@ WORKING_DIR_EXCLUDES: tuple[str, ...] = (
 #: Job states after which a job never changes again.
 TERMINAL_STATUSES = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 
-# Modules of cascadelab.jobs that are not submittable entry points.
-_NOT_JOBS = frozenset({"common", "submit"})
-
 # Seconds to wait for a TCP connection to the Jobs API before giving up.
 CONNECT_TIMEOUT_S = 5.0
 
@@ -108,20 +112,15 @@ class ClusterError(RuntimeError):
 # ----------------------------------------------------------------------------------------------------
 
 
-def job_names() -> list[str]:
-    """The submittable entry points: modules of ``cascadelab.jobs`` other than helpers."""
-    import cascadelab.jobs
-
-    return sorted(m.name for m in pkgutil.iter_modules(cascadelab.jobs.__path__)
-                  if not m.name.startswith("_") and m.name not in _NOT_JOBS)
+#: A job's argparse definition: adds its subcommand to a subparsers action (``cascadelab.jobs.<name>.add_parser``).
+AddParser = Callable[[argparse._SubParsersAction], None]
 
 
-def split_job_argv(argv: Sequence[str]) -> tuple[str, list[str]]:
-    """``["--", "train", "--set", "a=1"]`` -> ``("train", ["--set", "a=1"])``; the job must exist."""
+def split_job_argv(argv: Sequence[str], names: Sequence[str]) -> tuple[str, list[str]]:
+    """``["--", "train", "--set", "a=1"]`` -> ``("train", ["--set", "a=1"])``; the job must be one of ``names``."""
     args = list(argv)
     if args and args[0] == "--":
         args = args[1:]
-    names = job_names()
     if not args:
         raise ClusterError(f"no job given; expected one of {', '.join(names)} after '--', "
                            "e.g. cascadelab submit -- train --set data.path=/shared/data")
@@ -132,10 +131,9 @@ def split_job_argv(argv: Sequence[str]) -> tuple[str, list[str]]:
     return name, rest
 
 
-def build_entrypoint(argv: Sequence[str], python: str = "python") -> str:
+def build_entrypoint(name: str, args: Sequence[str], python: str = "python") -> str:
     """The shell command the cluster runs: ``python -m cascadelab.jobs.<name> <args...>`` (quoted)."""
-    name, rest = split_job_argv(argv)
-    return shlex.join([python, "-m", f"cascadelab.jobs.{name}", *rest])
+    return shlex.join([python, "-m", f"cascadelab.jobs.{name}", *args])
 
 
 def build_runtime_env(working_dir: str | os.PathLike[str] = ".", env_vars: Mapping[str, str] | None = None,
@@ -168,13 +166,12 @@ class _RaisingParser(argparse.ArgumentParser):
         raise ClusterError(message)
 
 
-def check_job_args(name: str, args: Sequence[str]) -> argparse.Namespace:
-    """Parse ``args`` with the job's own argparse definition, so that a typo fails here rather than
-    minutes later on the cluster. Returns the parsed namespace."""
-    module = importlib.import_module(f"cascadelab.jobs.{name}")
+def check_job_args(name: str, args: Sequence[str], add_parser: AddParser) -> argparse.Namespace:
+    """Parse ``args`` with the job's own argparse definition ``add_parser``, so that a typo fails here
+    rather than minutes later on the cluster. Returns the parsed namespace."""
     parser = _RaisingParser(prog="cascadelab")
     sub = parser.add_subparsers(dest="command")  # sub-parsers inherit _RaisingParser
-    module.add_parser(sub)
+    add_parser(sub)
     try:
         return parser.parse_args([name, *args])
     except ClusterError as exc:
@@ -182,27 +179,33 @@ def check_job_args(name: str, args: Sequence[str]) -> argparse.Namespace:
 
 
 def _relative_path(value: Any) -> bool:
-    return isinstance(value, str) and bool(value) and "://" not in value and not Path(value).is_absolute()
+    return isinstance(value, str) and bool(value) and not uri_scheme(value) and not Path(value).is_absolute()
+
+
+def job_settings(ns: argparse.Namespace) -> dict[str, Any]:
+    """The dotted config keys a job's ``--config`` file and ``--set`` overrides name, overrides last.
+
+    A config file that does not parse is left to the job itself to report (it may be a sweep spec or a
+    file only the cluster has); a malformed override raises ``ConfigError`` here.
+    """
+    settings: dict[str, Any] = {}
+    config_file = getattr(ns, "config", None)
+    if config_file and Path(config_file).is_file():
+        try:
+            loaded = yaml.safe_load(Path(config_file).read_text())
+        except (OSError, yaml.YAMLError):
+            loaded = None
+        if isinstance(loaded, dict):
+            settings.update(flatten(loaded))
+    settings.update(flatten(parse_overrides(getattr(ns, "overrides", None))))
+    return settings
 
 
 def lint_job_args(ns: argparse.Namespace, environ: Mapping[str, str] | None = None) -> list[str]:
     """Warnings for settings that work locally but not inside a submitted job, whose working directory
     is a temporary copy of the project on the head (without data/ or results/)."""
     env_source = os.environ if environ is None else environ
-    settings: dict[str, Any] = {}
-    config_file = getattr(ns, "config", None)
-    if config_file and Path(config_file).is_file():
-        import yaml
-
-        with contextlib.suppress(Exception):
-            loaded = yaml.safe_load(Path(config_file).read_text()) or {}
-            for section, key in (("data", "path"), ("train", "storage_path"), ("tracking", "uri")):
-                value = (loaded.get(section) or {}).get(key) if isinstance(loaded, dict) else None
-                if value is not None:
-                    settings[f"{section}.{key}"] = value
-    for item in getattr(ns, "overrides", None) or []:
-        key, _, value = str(item).partition("=")
-        settings[key.strip()] = value.strip()
+    settings = job_settings(ns)
 
     warnings = []
     for key in ("data.path", "train.storage_path"):
@@ -243,7 +246,7 @@ def _resolve(address: str | None, environ: Mapping[str, str] | None = None) -> t
     value = value.strip().rstrip("/")
     if value == "auto":
         value = DEFAULT_ADDRESS
-    if "://" not in value:
+    if not uri_scheme(value):
         value = f"http://{value}"
     parts = urlsplit(value)
     try:
@@ -260,15 +263,6 @@ def resolve_address(address: str | None = None, environ: Mapping[str, str] | Non
     """The Jobs API URL: ``address``, else $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS, else
     :data:`DEFAULT_ADDRESS`; ``http://`` is added when there is no scheme."""
     return _resolve(address, environ)[0]
-
-
-@contextlib.contextmanager
-def _hidden_env(names: Sequence[str]) -> Iterator[None]:
-    saved = {n: os.environ.pop(n) for n in names if n in os.environ}
-    try:
-        yield
-    finally:
-        os.environ.update(saved)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -301,7 +295,7 @@ def connect(address: str | None = None, timeout: float = CONNECT_TIMEOUT_S):
     if not log.isEnabledFor(logging.DEBUG):
         for name, level in _RAY_CLIENT_LOG_LEVELS.items():
             logging.getLogger(name).setLevel(level)
-    with _hidden_env(ADDRESS_ENV):
+    with scoped_env(dict.fromkeys(ADDRESS_ENV)):  # hidden, so that Ray cannot override ``url``
         try:
             return JobSubmissionClient(url)
         except AuthenticationError as exc:
@@ -394,20 +388,20 @@ def submit_entrypoint(entrypoint: str, address: str | None = None, working_dir: 
     return job_id
 
 
-def submit(argv: Sequence[str], address: str | None = None, working_dir: str | os.PathLike[str] = ".",
-           env_vars: Mapping[str, str] | None = None, wait: bool = True, tail: bool = True,
-           out: IO[str] | None = None) -> str:
-    """Submit ``cascadelab.jobs.<argv[0]>`` with ``argv[1:]`` to the cluster; see the module docstring.
+def submit(name: str, args: Sequence[str], add_parser: AddParser, address: str | None = None,
+           working_dir: str | os.PathLike[str] = ".", env_vars: Mapping[str, str] | None = None,
+           wait: bool = True, tail: bool = True, out: IO[str] | None = None) -> str:
+    """Submit ``cascadelab.jobs.<name>`` with ``args`` to the cluster; see the module docstring.
 
-    The job's arguments are parsed locally first (same argparse definition), and settings that would
-    land in the job's temporary directory (relative data/storage paths, no tracking URI) are warned
-    about. Returns the job id; with ``wait`` it returns once the job has ended (see :func:`job_status`).
+    ``args`` are parsed locally first with the job's argparse definition ``add_parser``, and settings
+    that would land in the job's temporary directory (relative data/storage paths, no tracking URI) are
+    warned about. Returns the job id; with ``wait`` it returns once the job has ended (see
+    :func:`job_status`).
     """
-    name, rest = split_job_argv(argv)
-    ns = check_job_args(name, rest)
+    ns = check_job_args(name, args, add_parser)
     for warning in lint_job_args(ns):
         log.warning("%s", warning)
-    return submit_entrypoint(build_entrypoint([name, *rest]), address=address, working_dir=working_dir,
+    return submit_entrypoint(build_entrypoint(name, args), address=address, working_dir=working_dir,
                              env_vars=env_vars, wait=wait, tail=tail, submission_id=new_submission_id(name),
                              metadata={"cascadelab.job": name}, out=out)
 

@@ -33,10 +33,23 @@ SHARED_STORAGE_ENV = "CASCADELAB_SHARED_STORAGE"
 _TRUE = frozenset({"1", "true", "yes", "on"})
 
 
+def uri_scheme(path: str) -> str:
+    """The scheme of a ``scheme://...`` URI, lower case; ``""`` for a plain path.
+
+    ``s3://b/x`` -> ``s3``; ``file:///x`` -> ``file``; ``/abs/x``, ``rel/x``, ``head:8265`` -> ``""``
+    (a scheme counts only when ``://`` follows it, so ``host:port`` and ``C:\\x`` are not URIs).
+    """
+    scheme = urlsplit(path).scheme
+    return scheme if scheme and path[len(scheme):].startswith("://") else ""
+
+
 def is_remote_uri(storage_path: str) -> bool:
-    """``s3://bucket/x`` -> True; ``/abs/path``, ``rel/path``, ``file:///x`` -> False."""
-    scheme = urlsplit(storage_path).scheme if "://" in storage_path else ""
-    return bool(scheme) and scheme.lower() != "file"
+    """``s3://bucket/x`` -> True; ``/abs/path``, ``rel/path``, ``file:///x`` -> False.
+
+    The one test of "is this a remote filesystem" for storage and data paths: a URI whose scheme is
+    not ``file`` (the filesystem is then resolved by pyarrow / fsspec, never by :mod:`pathlib`).
+    """
+    return uri_scheme(storage_path) not in ("", "file")
 
 
 def shared_storage_from_env(environ: dict[str, str] | None = None) -> bool:

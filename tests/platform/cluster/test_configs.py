@@ -178,7 +178,8 @@ def test_kuberay_raycluster(project):
 
 
 def test_kuberay_rayjob(project):
-    from cascadelab.platform.cluster.jobs import check_job_args, job_names
+    from cascadelab.jobs import add_parser_of, submittable
+    from cascadelab.platform.cluster.jobs import check_job_args
 
     (job,) = _docs("deploy/kuberay/rayjob.yaml")
     assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
@@ -187,8 +188,8 @@ def test_kuberay_rayjob(project):
     argv = shlex.split(spec["entrypoint"])
     assert argv[:2] == ["python", "-m"] and argv[2].startswith("cascadelab.jobs.")
     name = argv[2].removeprefix("cascadelab.jobs.")
-    assert name in job_names()
-    check_job_args(name, argv[3:])  # the arguments parse with the job's own CLI
+    assert name in submittable()
+    check_job_args(name, argv[3:], add_parser_of(name))  # the arguments parse with the job's own CLI
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert runtime_env["working_dir"].endswith(".zip")
     assert spec["shutdownAfterJobFinishes"] is True and spec["submissionMode"] == "K8sJobMode"

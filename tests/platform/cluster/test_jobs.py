@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from cascadelab.jobs import COMMANDS, add_parser_of, submittable
 from cascadelab.jobs import submit as submit_cli
+from cascadelab.platform import runtime
 from cascadelab.platform.cluster import jobs, storage
 from cascadelab.platform.cluster.jobs import ClusterError
 
@@ -41,17 +43,21 @@ def _cli(argv: list[str]) -> int:
 # entrypoint
 
 
-def test_job_names_are_the_entry_point_modules():
-    names = jobs.job_names()
-    assert {"train", "generate"} <= set(names)
-    assert not {"common", "submit", "__init__"} & set(names)
+def test_submittable_jobs_are_runnable_modules_of_the_registry():
+    names = submittable()
+    assert {"train", "generate", "sweep"} <= set(names)
+    assert not {"common", "submit", "jobs", "__init__"} & set(names)
+    for name in names:  # python -m cascadelab.jobs.<name> is the entrypoint: the module has that name
+        assert COMMANDS[name].module == name and callable(add_parser_of(name))
 
 
 def test_build_entrypoint_runs_the_job_module_with_quoted_args():
-    entry = jobs.build_entrypoint(["--", "train", "--set", "data.path=/shared/my data", "--set", "a=$HOME"])
+    name, rest = jobs.split_job_argv(["--", "train", "--set", "data.path=/shared/my data", "--set", "a=$HOME"],
+                                     submittable())
+    entry = jobs.build_entrypoint(name, rest)
     assert entry == "python -m cascadelab.jobs.train --set 'data.path=/shared/my data' --set 'a=$HOME'"
     assert shlex.split(entry)[4] == "data.path=/shared/my data"  # survives the shell unchanged
-    assert jobs.build_entrypoint(["generate"], python="python3") == "python3 -m cascadelab.jobs.generate"
+    assert jobs.build_entrypoint("generate", [], python="python3") == "python3 -m cascadelab.jobs.generate"
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -63,19 +69,23 @@ def test_build_entrypoint_runs_the_job_module_with_quoted_args():
 ])
 def test_build_entrypoint_rejects_unknown_jobs(argv, expected):
     with pytest.raises(ClusterError, match=expected) as exc:
-        jobs.build_entrypoint(argv)
+        jobs.split_job_argv(argv, submittable())
     assert "\n" not in str(exc.value) and "train" in str(exc.value)  # lists the valid jobs
 
 
+def _check(name: str, args: list[str]) -> argparse.Namespace:
+    return jobs.check_job_args(name, args, add_parser_of(name))
+
+
 def test_job_args_are_checked_with_the_jobs_own_parser():
-    ns = jobs.check_job_args("train", ["--set", "a=1", "--config", "x.yaml"])
+    ns = _check("train", ["--set", "a=1", "--config", "x.yaml"])
     assert ns.overrides == ["a=1"] and ns.config == "x.yaml"
     with pytest.raises(ClusterError, match="arguments of job 'train': unrecognized arguments: --sett"):
-        jobs.check_job_args("train", ["--sett", "a=1"])
+        _check("train", ["--sett", "a=1"])
 
 
 def test_lint_warns_about_paths_that_only_exist_locally(tmp_path):
-    ns = jobs.check_job_args("train", ["--set", "data.path=data/demo", "--set", "train.storage_path=results"])
+    ns = _check("train", ["--set", "data.path=data/demo", "--set", "train.storage_path=results"])
     warnings = jobs.lint_job_args(ns, environ={})
     assert any(w.startswith("data.path='data/demo' is relative") for w in warnings)
     assert any(w.startswith("train.storage_path='results' is relative") for w in warnings)
@@ -83,12 +93,15 @@ def test_lint_warns_about_paths_that_only_exist_locally(tmp_path):
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text("data: {path: /shared/data}\ntracking: {uri: 'sqlite:///mlflow.db'}\n")
-    ns = jobs.check_job_args("train", ["--config", str(cfg), "--set", "train.storage_path=s3://b/r"])
+    ns = _check("train", ["--config", str(cfg), "--set", "train.storage_path=s3://b/r"])
     assert [w.split("=")[0] for w in jobs.lint_job_args(ns, environ={})] == ["tracking.uri"]  # relative sqlite
 
-    ns = jobs.check_job_args("train", ["--set", "data.path=/shared/data"])
+    ns = _check("train", ["--set", "data.path=/shared/data"])
     assert jobs.lint_job_args(ns, environ={"MLFLOW_TRACKING_URI": "http://head:5000"}) == []
-    assert jobs.lint_job_args(jobs.check_job_args("generate", ["--out", "x"]), environ={}) == []
+    assert jobs.lint_job_args(_check("generate", ["--out", "x"]), environ={}) == []
+    later = _check("train", ["--set", "data.path=/shared/data", "--set", "data.path=mine"])
+    assert [w.split(" ")[0] for w in jobs.lint_job_args(later, environ={"MLFLOW_TRACKING_URI": "http://h:5000"})] \
+        == ["data.path='mine'"]  # the later override wins, as in the job itself
 
 
 def test_submission_ids_are_readable_and_unique():
@@ -180,10 +193,17 @@ def test_environment_address_is_used_and_named(monkeypatch):
         jobs.connect("127.0.0.1:6379")
 
 
-def test_hidden_env_restores_address_variables(monkeypatch):
+def test_scoped_env_hides_and_restores_address_variables(monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "http://x:1")
-    with jobs._hidden_env(jobs.ADDRESS_ENV):
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    with runtime.scoped_env(dict.fromkeys(jobs.ADDRESS_ENV)):
         assert "RAY_ADDRESS" not in os.environ
+        os.environ["RAY_API_SERVER_ADDRESS"] = "http://set-inside:1"
+    assert os.environ["RAY_ADDRESS"] == "http://x:1"
+    assert "RAY_API_SERVER_ADDRESS" not in os.environ  # unset before, unset after
+    with pytest.raises(KeyError), runtime.scoped_env({"RAY_ADDRESS": "http://y:2"}):
+        assert os.environ["RAY_ADDRESS"] == "http://y:2"
+        raise KeyError
     assert os.environ["RAY_ADDRESS"] == "http://x:1"
 
 
@@ -248,6 +268,13 @@ def test_module_is_runnable_standalone():
                                           ("/abs/x", False), ("rel/x", False), ("file:///mnt/x", False)])
 def test_remote_uri_detection(path, remote):
     assert storage.is_remote_uri(path) is remote
+
+
+@pytest.mark.parametrize("path, scheme", [("s3://b/x", "s3"), ("HTTP://h:1", "http"), ("file:///mnt/x", "file"),
+                                          ("head:8265", ""), ("127.0.0.1:8265", ""), ("/abs/a://b", ""),
+                                          ("rel/x", "")])
+def test_uri_scheme_needs_the_double_slash(path, scheme):
+    assert storage.uri_scheme(path) == scheme
 
 
 def test_storage_check_uses_alive_node_count(monkeypatch):

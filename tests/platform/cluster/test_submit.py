@@ -137,12 +137,8 @@ def head(tmp_path_factory):
 
 
 def _cli() -> list[str]:
-    """`python -m cascadelab.cli` once the CLI registers `submit`, else the module itself."""
-    from cascadelab import cli
-
-    sub = next(a for a in cli.build_parser()._actions if getattr(a, "dest", None) == "command")
-    module = "cascadelab.cli" if "submit" in sub.choices else "cascadelab.jobs.submit"
-    return [sys.executable, "-m", module]
+    """The `cascadelab` command, run from this interpreter."""
+    return [sys.executable, "-m", "cascadelab.cli"]
 
 
 def _run(cmd: list[str], head: Head, timeout: float = 240) -> subprocess.CompletedProcess:
