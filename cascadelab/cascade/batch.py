@@ -11,10 +11,12 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-# Field positions inside the id tensors (see cascadelab.platform.data.schema).
+# The feature fields, in their order along the last axis of the id tensors; the one definition, which the
+# Parquet schema (cascadelab.platform.data.schema) stores in the same order. Ids are shifted: 0 = padding.
 USER_FIELDS = ("user_id", "device_id", "age", "gender", "province", "req_weekday", "req_hour", "req_minute")
 SEQ_FIELDS = ("video_id", "author_id", "category_level_two", "category_level_one", "upload_type")
 ITEM_FIELDS = SEQ_FIELDS + ("upload_weekday", "upload_hour", "upload_minute")
+# Fixed-size time vocabularies (values shifted by one, 0 = padding).
 TIME_VOCAB = {"req_weekday": 7, "req_hour": 24, "req_minute": 60,
               "upload_weekday": 7, "upload_hour": 24, "upload_minute": 60}
 
@@ -51,8 +53,8 @@ class CascadeBatch:
     def ground_truth(self) -> Tensor:
         """``[B, n]`` bool: the valid candidates of group 0 (rank_pos / rerank_pos).
 
-        Deviation from the reference code: padded group-0 slots are not ground truth (they got the top
-        label 30 there, see reference notes §6 item 2).
+        Deviation from the LCRON reference data loader (kwai/LCRON ``dataset2.py``), which gives padded
+        group-0 slots the top label 30: padded slots are never ground truth.
         """
         return self.mask & (self.group_index() == 0)
 

@@ -5,7 +5,7 @@ stage ``s`` passes on, ground truth = the valid candidates of group 0 (``batch.g
 Functions return per-batch *sums* and *counts* so that callers can average exactly over batches and
 workers (sum the sums, sum the counts, divide once).
 
-Deviations from the reference evaluation (notes §4, §6 item 12): padded candidates are never selected;
+Deviations from the reference evaluation (kwai/LCRON ``metrics.py``): padded candidates are never selected;
 recall divides by the number of real ground-truth items (10 unless group 0 is padded) and skips requests
 without any; NDCG gains are masked (padded slots have gain 0). Ties between equal scores are broken by
 ``torch.topk``; with float logits they have measure zero.

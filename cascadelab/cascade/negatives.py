@@ -1,6 +1,7 @@
 """In-batch negative sampling: grow every request's candidate list with other requests' candidates.
 
-DFTopK's ``--sample_num`` (reference notes §5.2): for each request, ``sample_num`` extra candidates are
+DFTopK's ``--sample_num`` (zhangzhen97/DFTOPK ``torch/run_train2_negativesampling.py``,
+``select_samples_all_batches``): for each request, ``sample_num`` extra candidates are
 drawn uniformly without replacement from the candidates of the other requests of the batch, with label 0
 and mask 1. Fix: only VALID candidates are drawn (the reference also drew padded slots, which became
 "valid" all-zero items).

@@ -17,7 +17,7 @@ Columns (all fixed-size lists, so that a batch reshapes to ``[B, slots, fields]`
   positive group; 7 / 6 / 5 (and 8 for rerank_neg) for the negative groups; 0 on padded slots).
 
 Id convention: every id is shifted so that 0 means padding (also category_level_one, unlike RecFlow's
-padding_idx 2, see the reference notes §6 item 17); vocabulary sizes in the metadata count real ids,
+padding_idx 2 in the LCRON reference ``models.py``); vocabulary sizes in the metadata count real ids,
 so an embedding table needs ``vocab + 1`` rows.
 """
 
@@ -29,26 +29,24 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from cascadelab.cascade.batch import ITEM_FIELDS, SEQ_FIELDS, TIME_VOCAB
+from cascadelab.cascade.batch import USER_FIELDS as USER_FIELDS  # re-exported for the data modules
+
 SCHEMA_VERSION = 1
 SEQ_LEN = 50
 SLOTS = 10  # candidates per group
 TIMEZONE = "Asia/Shanghai"
 METADATA_FILE = "dataset.json"
 
-SEQ_FIELDS = ("video_id", "author_id", "category_level_two", "category_level_one", "upload_type")
-ITEM_FIELDS = SEQ_FIELDS + ("upload_weekday", "upload_hour", "upload_minute")
+# The feature fields (SEQ_FIELDS, ITEM_FIELDS, USER_FIELDS: the features the models embed) and the time
+# vocabularies TIME_VOCAB are defined once, in cascadelab.cascade.batch; the columns store them in that order.
 REQUEST_FIELDS = ("request_id", "user_id", "device_id", "age", "gender", "province",
-                  "request_ts", "req_weekday", "req_hour", "req_minute")
-# Features the models embed (request_id and request_ts are bookkeeping).
-USER_FIELDS = ("user_id", "device_id", "age", "gender", "province", "req_weekday", "req_hour", "req_minute")
+                  "request_ts", "req_weekday", "req_hour", "req_minute")  # request_id, request_ts: bookkeeping
 
 GROUPS_TWO_STAGE = ("rank_pos", "rank_neg", "coarse_neg", "prerank_neg")
 GROUPS_THREE_STAGE = ("rerank_pos", "rerank_neg", "rank_neg", "coarse_neg", "prerank_neg")
 ALL_GROUPS = ("rerank_pos", "rerank_neg", "rank_pos", "rank_neg", "coarse_neg", "prerank_neg")
 
-# Fixed-size time vocabularies (values are shifted by one, 0 = padding).
-TIME_VOCAB = {"req_weekday": 7, "req_hour": 24, "req_minute": 60,
-              "upload_weekday": 7, "upload_hour": 24, "upload_minute": 60}
 # Vocabularies a dataset must declare in its metadata.
 ID_VOCAB_FIELDS = ("user_id", "device_id", "age", "gender", "province",
                    "video_id", "author_id", "category_level_two", "category_level_one", "upload_type")

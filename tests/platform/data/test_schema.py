@@ -6,6 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from cascadelab.cascade import batch
+from cascadelab.platform.data import schema
 from cascadelab.platform.data.ingest import arrow_to_tensors, day_files
 from cascadelab.platform.data.schema import GROUPS_TWO_STAGE, DataError, DatasetMeta, day_dir
 from cascadelab.platform.data.synthetic import SyntheticConfig, generate
@@ -84,3 +86,12 @@ def test_corrupt_file_is_named(tmp_path, ds):
     (d / "part-00000.parquet").write_bytes(b"PAR1 this is not parquet")
     with pytest.raises(DataError, match="not a readable Parquet file"):
         day_files(tmp_path, "2024-01-13", "two_stage", GROUPS_TWO_STAGE)
+
+
+def test_the_parquet_columns_store_the_batch_feature_fields():
+    for name in ("SEQ_FIELDS", "ITEM_FIELDS", "USER_FIELDS", "TIME_VOCAB"):
+        assert getattr(schema, name) is getattr(batch, name)  # one definition
+    arrow = schema.arrow_schema("two_stage")
+    assert arrow.field("seq_items").type.list_size == schema.SEQ_LEN * len(batch.SEQ_FIELDS)
+    assert arrow.field("rank_pos_items").type.list_size == schema.SLOTS * len(batch.ITEM_FIELDS)
+    assert set(batch.USER_FIELDS) <= set(schema.REQUEST_FIELDS)
