@@ -22,34 +22,31 @@ from pathlib import Path
 from typing import Any
 
 from cascadelab.jobs.common import standalone
-from cascadelab.platform.config import ConfigError, flatten
+from cascadelab.platform.bench.convert import ConvertBenchConfig, run_convert_bench
+from cascadelab.platform.bench.ingest import IngestBenchConfig, run_ingest_bench
+from cascadelab.platform.bench.objectives import ObjectiveBenchConfig, run_objective_bench
+from cascadelab.platform.bench.operators import OperatorBenchConfig, run_operator_bench
+from cascadelab.platform.bench.train import TrainBenchConfig, run_train_bench
+from cascadelab.platform.config import ConfigError, flatten, parse_overrides
 from cascadelab.platform.tracking import end_run, log_artifacts, log_metrics, resolve_tracking_uri, start_run
 
 log = logging.getLogger(__name__)
 
-
-def _suites() -> dict[str, tuple[type, Callable[..., dict]]]:
-    from cascadelab.platform.bench.convert import ConvertBenchConfig, run_convert_bench
-    from cascadelab.platform.bench.ingest import IngestBenchConfig, run_ingest_bench
-    from cascadelab.platform.bench.objectives import ObjectiveBenchConfig, run_objective_bench
-    from cascadelab.platform.bench.operators import OperatorBenchConfig, run_operator_bench
-    from cascadelab.platform.bench.train import TrainBenchConfig, run_train_bench
-
-    return {"operators": (OperatorBenchConfig, run_operator_bench),
-            "objectives": (ObjectiveBenchConfig, run_objective_bench),
-            "train": (TrainBenchConfig, run_train_bench),
-            "ingest": (IngestBenchConfig, run_ingest_bench),
-            "convert": (ConvertBenchConfig, run_convert_bench)}
-
-
-SUITES = ("operators", "objectives", "train", "ingest", "convert")
+#: suite name -> (its config dataclass, the function that runs it and returns the result dict)
+SUITES: dict[str, tuple[type, Callable[..., dict]]] = {
+    "operators": (OperatorBenchConfig, run_operator_bench),
+    "objectives": (ObjectiveBenchConfig, run_objective_bench),
+    "train": (TrainBenchConfig, run_train_bench),
+    "ingest": (IngestBenchConfig, run_ingest_bench),
+    "convert": (ConvertBenchConfig, run_convert_bench),
+}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="run a benchmark suite (JSON + PNG + MLflow run)",
                        description="Run a benchmark suite. Results go to OUT/<suite>.json and "
                                    "OUT/<suite>.png and to an MLflow run in experiment 'cascadelab-bench'.")
-    p.add_argument("suite", choices=SUITES)
+    p.add_argument("suite", choices=list(SUITES))
     p.add_argument("--out", default="bench_results", help="output directory (default: bench_results)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of the suite's config dataclass, e.g. --set steps=20")
@@ -58,40 +55,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=main)
 
 
-def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
-    """``key=value`` overrides on a flat benchmark config dataclass (values parsed as YAML)."""
-    import yaml
-
+def apply_overrides(cfg: Any, overrides: list[str] | dict[str, Any]) -> Any:
+    """Overrides on a flat benchmark config dataclass: ``--set key=value`` strings (values parsed as YAML
+    by :func:`cascadelab.platform.config.parse_overrides`) or a dict; a list becomes a tuple where the
+    field holds a tuple."""
+    changes = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides)
     names = {f.name for f in dataclasses.fields(cfg)}
-    changes = {}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ConfigError(f"override '{item}': expected key=value")
+    for key, value in changes.items():
         if key not in names:
             raise ConfigError(f"unknown benchmark option '{key}'; valid: {', '.join(sorted(names))}")
-        value = yaml.safe_load(raw)
         if isinstance(value, list) and isinstance(getattr(cfg, key), tuple):
-            value = tuple(value)
-        changes[key] = value
+            changes[key] = tuple(value)
     return dataclasses.replace(cfg, **changes)
 
 
-def _scalar_metrics(d: dict, prefix: str = "") -> dict[str, float]:
-    """Numeric leaves of a nested result dict, as MLflow metric names (``a/b/c``)."""
-    out: dict[str, float] = {}
-    for key, value in d.items():
-        name = f"{prefix}/{key}" if prefix else str(key)
-        if isinstance(value, dict):
-            out.update(_scalar_metrics(value, name))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            safe = "".join(c if c.isalnum() or c in "_-./ " else "_" for c in name)
-            out[safe] = float(value)
-    return out
+def scalar_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """Numeric leaves of a nested result dict as MLflow metric names (``a/b/c``, odd characters -> ``_``)."""
+    return {"".join(c if c.isalnum() or c in "_-./ " else "_" for c in name): float(value)
+            for name, value in flatten(result, sep="/").items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)}
 
 
 def main(args: argparse.Namespace) -> int:
-    config_cls, run = _suites()[args.suite]
+    config_cls, run = SUITES[args.suite]
     cfg = apply_overrides(config_cls(), args.overrides)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -106,7 +92,7 @@ def main(args: argparse.Namespace) -> int:
         params = {**flatten(dataclasses.asdict(cfg)), "suite": args.suite, "host": platform.node()}
         run_id = start_run(uri, "cascadelab-bench", f"bench-{args.suite}-{time.strftime('%Y%m%d-%H%M%S')}",
                            params, tags={"cascadelab.bench": args.suite})
-        metrics = _scalar_metrics(summary)
+        metrics = scalar_metrics(summary)
         metrics["wall_time_s"] = wall
         log_metrics(uri, run_id, metrics)
         for name in (f"{args.suite}.json", f"{args.suite}.png"):

@@ -292,16 +292,17 @@ def validate(cfg: CascadeConfig) -> None:
         raise ConfigError(f"config key 'train.use_gpu': expected auto, true or false, got {cfg.train.use_gpu!r}")
 
 
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}, "s": [{"k": 2}]}`` -> ``{"a.b": 1, "s.0.k": 2}`` (for MLflow params)."""
+def flatten(d: dict[str, Any], prefix: str = "", sep: str = ".") -> dict[str, Any]:
+    """``{"a": {"b": 1}, "s": [{"k": 2}]}`` -> ``{"a.b": 1, "s.0.k": 2}`` (for MLflow params); the inverse
+    of :func:`unflatten` on nested mappings. ``sep`` joins the keys (``"/"`` for MLflow metric names)."""
     out: dict[str, Any] = {}
     for key, value in d.items():
-        full = f"{prefix}.{key}" if prefix else str(key)
+        full = f"{prefix}{sep}{key}" if prefix else str(key)
         if isinstance(value, dict):
-            out.update(flatten(value, full))
+            out.update(flatten(value, full, sep))
         elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
             for i, v in enumerate(value):
-                out.update(flatten(v, f"{full}.{i}"))
+                out.update(flatten(v, f"{full}{sep}{i}", sep))
         else:
             out[full] = value
     return out
