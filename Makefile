@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 MLFLOW_DB := $(CURDIR)/mlflow.db
 
-.PHONY: install demo test ui lint clean
+.PHONY: install demo test gpu-check ui lint clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=25
+
+# CUDA tests + bench operators/objectives/train on the GPU, one table; says so and exits 0 without a GPU
+gpu-check: $(STAMP)
+	$(PY) -m cascadelab.jobs.gpu_check
 
 ui: $(STAMP)
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui \
