@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from cascadelab.cascade.batch import CascadeBatch
+from cascadelab.cascade.models.attention import target_attention_logits
 from cascadelab.cascade.models.embedding import N_ITEM, N_SEQ, N_USER, CascadeEmbeddings, mlp
 
 
@@ -35,8 +36,8 @@ class DIN(nn.Module):
         items = self.emb.item_features(batch.items)  # [B, n, 8E]
         d = seq.shape[-1]
         target = items[..., :d]  # the 5 id fields, [B, n, d]
-        hidden = torch.relu(self.att_seq(seq).unsqueeze(1) + self.att_tgt(target).unsqueeze(2))  # [B,n,L,2d]
-        logits = self.att_out(hidden).squeeze(-1)  # [B, n, L]
+        logits = target_attention_logits(self.att_seq(seq), self.att_tgt(target),  # [B, L, 2d], [B, n, 2d]
+                                         self.att_out.weight.view(-1), batch.seq_mask) + self.att_out.bias
         logits = logits.masked_fill(~batch.seq_mask.unsqueeze(1), float("-inf"))
         weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # rows without behaviour -> 0
         interest = torch.einsum("bnl,bld->bnd", weights, seq)  # [B, n, d]
