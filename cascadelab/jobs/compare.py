@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 
 from cascadelab.jobs.common import standalone
+from cascadelab.platform.tracking import resolve_tracking_uri
+from cascadelab.platform.tune.compare import compare
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -28,9 +30,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from cascadelab.platform.tracking import resolve_tracking_uri
-    from cascadelab.platform.tune.compare import compare
-
     uri = resolve_tracking_uri(args.tracking_uri)
     result = compare(uri, sweep=args.sweep, experiment=args.experiment, out=args.out)
     print(f"{result.label}: {result.runs} finished runs")

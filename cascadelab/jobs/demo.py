@@ -7,16 +7,28 @@ import logging
 import time
 from pathlib import Path
 
+from cascadelab.cascade.metrics import stage_names
 from cascadelab.jobs.common import add_config_args, standalone
-from cascadelab.platform.config import load_config
+from cascadelab.platform.config import CascadeConfig, load_config
 from cascadelab.platform.data.schema import METADATA_FILE
 from cascadelab.platform.data.synthetic import SyntheticConfig, generate
+from cascadelab.platform.train.run import run_training
 
 log = logging.getLogger(__name__)
 
-COLUMNS = [("joint_recall", "joint R@10@20"), ("retrieval_recall", "retr R@10@30"),
-           ("retrieval_ndcg", "retr NDCG@10"), ("ranking_recall", "rank R@10@20"),
-           ("ranking_ndcg", "rank NDCG@10"), ("samples_per_s", "samples/s"), ("wall_time_s", "wall s")]
+_SHORT = {"retrieval": "retr", "ranking": "rank"}  # column titles abbreviate the outer stages
+_SPEED = [("samples_per_s", "samples/s"), ("wall_time_s", "wall s")]
+
+
+def columns(cfg: CascadeConfig) -> list[tuple[str, str]]:
+    """``(metric key, title)`` of the table: joint recall, every stage's recall and NDCG in cascade order
+    (``retr R@10@30``: Recall@gt_k@k of that stage), then throughput and wall time."""
+    gt = cfg.objective.gt_k
+    cols = [("joint_recall", f"joint R@{gt}@{cfg.stages[-1].k}")]
+    for name, stage in zip(stage_names(len(cfg.stages)), cfg.stages, strict=True):
+        short = _SHORT.get(name, name)
+        cols += [(f"{name}_recall", f"{short} R@{gt}@{stage.k}"), (f"{name}_ndcg", f"{short} NDCG@10")]
+    return cols + _SPEED
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -32,12 +44,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=main)
 
 
-def format_table(rows: list[tuple[str, dict[str, float]]]) -> str:
-    header = ["method"] + [title for _, title in COLUMNS]
+def format_table(rows: list[tuple[str, dict[str, float]]], cols: list[tuple[str, str]]) -> str:
+    """One line per ``(method, metrics)`` of ``rows``, one column per ``(key, title)`` of ``cols``."""
+    header = ["method"] + [title for _, title in cols]
     lines = [header]
     for name, m in rows:
         cells = [name]
-        for key, _ in COLUMNS:
+        for key, _ in cols:
             v = m.get(key, float("nan"))
             cells.append(f"{v:.0f}" if key in ("samples_per_s",) else f"{v:.1f}" if key == "wall_time_s"
                          else f"{v:.4f}")
@@ -49,8 +62,6 @@ def format_table(rows: list[tuple[str, dict[str, float]]]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    from cascadelab.platform.train.run import run_training
-
     data = Path(args.data)
     if not (data / METADATA_FILE).is_file():
         log.info("generating %d days x %d requests into %s", args.days, args.requests_per_day, data)
@@ -66,7 +77,7 @@ def main(args: argparse.Namespace) -> int:
         rows.append((name, result.metrics))
         uri = result.tracking_uri
     print()
-    print(format_table(rows))
+    print(format_table(rows, columns(cfg)))
     print(f"\n{len(rows)} runs in MLflow experiment 'cascadelab-demo' at {uri} "
           f"(total {time.perf_counter() - t0:.0f} s).")
     print("Open them in the MLflow UI: make ui   (then http://127.0.0.1:5000)")

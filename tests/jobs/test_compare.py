@@ -8,6 +8,7 @@ import mlflow
 import pandas as pd
 import pytest
 
+from cascadelab.cascade.metrics import metric_names
 from cascadelab.jobs import compare as compare_job
 from cascadelab.jobs.common import run_main
 from cascadelab.platform.config import flatten, load_config
@@ -142,3 +143,37 @@ def test_exactly_one_of_sweep_or_experiment(argv, capsys):
         _cli(*argv)
     assert exc.value.code == 2
     assert "--sweep" in capsys.readouterr().err
+
+
+def _client_run(client, experiment_id: str, overrides: list[str], metrics: dict[str, float]) -> str:
+    """One finished training run logged through MLflow's own client (params as `cascadelab train` logs them)."""
+    run = client.create_run(experiment_id, run_name="-".join(overrides))
+    params = flatten(load_config(None, overrides).to_dict())
+    client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()],
+                     metrics=[mlflow.entities.Metric(k, v, 0, 2) for k, v in metrics.items()])
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+def test_a_four_stage_cascade_is_compared_on_every_stage(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("deep")
+    four = "stages=[{model: dssm, k: 40}, {model: mlp, k: 30}, {model: mlp, k: 25}, {model: din, k: 20}]"
+    names = metric_names(4)
+    assert names == ["joint_recall", "retrieval_recall", "retrieval_ndcg", "prerank1_recall", "prerank1_ndcg",
+                     "prerank2_recall", "prerank2_ndcg", "ranking_recall", "ranking_ndcg"]
+    for name, base in (("bce", 0.5), ("dftopk", 0.6)):
+        _client_run(client, exp, [four, f"objective.name={name}"],
+                    {m: base + i / 100 for i, m in enumerate(names)})
+    _client_run(client, exp, ["objective.name=lcron"], _metrics(0.7))  # a two-stage run beside them
+    assert _cli("--experiment", "deep", "--tracking-uri", uri, "--out", str(tmp_path / "o")) == 0
+    out = capsys.readouterr().out
+    assert ("| Method | Joint R@10@20 | Ranking R@10@20 | Ranking NDCG@10 | Prerank2 R@10@25 | Prerank2 NDCG@10 "
+            "| Prerank1 R@10@30 | Prerank1 NDCG@10 | Retrieval R@10@40 | Retrieval NDCG@10 | runs |") in out
+    rows = {line.split(" ")[1]: [c.strip() for c in line.split("|")[2:-1]] for line in out.splitlines()
+            if line.startswith("| ") and "±" in line}
+    assert rows["bce"][:-1] == [f"0.{v}00 ± 0.0000" for v in (50, 57, 58, 55, 56, 53, 54, 51, 52)]
+    assert rows["lcron"][3:7] == ["-"] * 4  # the two-stage run beside them has no prerank stages
+    table = pd.read_csv(tmp_path / "o" / "methods.csv")
+    assert {"prerank1_recall_mean", "prerank2_ndcg_mean", "retrieval_recall_mean"} <= set(table.columns)

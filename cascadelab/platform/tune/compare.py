@@ -8,6 +8,10 @@ Tables (each as markdown for the terminal, a CSV of means/stds/run counts, and a
 * ``sample_num``: joint recall against data.sample_num (in-batch negatives per request), when it varies.
 * ``step_time``: training step time against data.sample_num, when runs logged ``step_time_s``.
 * ``streaming``: streaming joint recall per evaluated day, for runs trained with train.streaming_eval.
+
+The metric columns come from the runs' own stage lists (their ``stages.<i>.k`` params, through
+:func:`cascadelab.cascade.metrics.stage_names`), so a cascade of any depth shows every stage.
+MLflow and matplotlib are imported lazily, inside the functions that use them.
 """
 
 from __future__ import annotations
@@ -18,13 +22,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cascadelab.platform.config import ConfigError
+import pandas as pd
+
+from cascadelab.cascade.metrics import stage_names
+from cascadelab.cascade.objectives import OBJECTIVES
+from cascadelab.platform.config import CascadeConfig, ConfigError
+from cascadelab.platform.tracking import log_artifacts
+from cascadelab.platform.tune.sweep import SWEEP_TAG
 
 log = logging.getLogger(__name__)
 
-METRICS = ("joint_recall", "ranking_recall", "ranking_ndcg", "prerank_recall", "prerank_ndcg",
-           "retrieval_recall", "retrieval_ndcg")
-RECALLS = ("joint_recall", "ranking_recall", "retrieval_recall")
+JOINT = "joint_recall"
 METHOD = "objective.name"
 SEED = "train.seed"
 SAMPLE_NUM = "data.sample_num"
@@ -65,8 +73,6 @@ def _search(client, experiment_ids: list[str], filter_string: str) -> list:
 
 
 def _frame(runs: list):
-    import pandas as pd
-
     rows = []
     for run in runs:
         row = {"run_id": run.info.run_id, "run_name": run.info.run_name, "status": run.info.status,
@@ -81,8 +87,6 @@ def load_runs(uri: str, sweep: str | None = None, experiment: str | None = None)
     """``(runs DataFrame, parent run id or None)``: a sweep's child runs, or every training run of an
     experiment (columns ``run_id``, ``status``, ``params.<key>``, ``metrics.<key>``)."""
     from mlflow import MlflowClient
-
-    from cascadelab.platform.tune.sweep import SWEEP_TAG
 
     if (sweep is None) == (experiment is None):
         raise ConfigError("compare: give exactly one of --sweep NAME or --experiment NAME")
@@ -109,9 +113,9 @@ def load_runs(uri: str, sweep: str | None = None, experiment: str | None = None)
 
 def finished(runs):
     """Runs that finished and logged the final metrics."""
-    if runs.empty or "metrics.joint_recall" not in runs:
+    if runs.empty or f"metrics.{JOINT}" not in runs:
         return runs.iloc[0:0]
-    return runs[(runs["status"] == "FINISHED") & runs["metrics.joint_recall"].notna()].copy()
+    return runs[(runs["status"] == "FINISHED") & runs[f"metrics.{JOINT}"].notna()].copy()
 
 
 def varying_settings(runs) -> list[str]:
@@ -128,33 +132,52 @@ def varying_settings(runs) -> list[str]:
     return keys
 
 
-def metric_labels(runs) -> dict[str, str]:
-    """Paper-style column names from the runs' own config: ``Joint R@10@20``, ``Retrieval NDCG@10``..."""
-    from cascadelab.cascade.metrics import stage_names
-
-    first = runs.iloc[0]
+def stage_count(run) -> int:
+    """How many stages a run's cascade has: its ``params.stages.<i>.k`` (0 when it logged none)."""
     n = 0
-    while f"params.stages.{n}.k" in runs.columns and isinstance(first.get(f"params.stages.{n}.k"), str):
+    while isinstance(run.get(f"params.stages.{n}.k"), str):
         n += 1
-    gt = first.get("params.objective.gt_k", "10")
-    labels = {"joint_recall": "Joint R"}
-    if n:
-        ks = [first[f"params.stages.{i}.k"] for i in range(n)]
-        labels["joint_recall"] = f"Joint R@{gt}@{ks[-1]}"
+    return n
+
+
+def stage_counts(runs) -> list[int]:
+    """The stage counts among ``runs``, deepest first; the default cascade's when no run logged its stages."""
+    counts = {stage_count(run) for _, run in runs.iterrows()} - {0}
+    return sorted(counts, reverse=True) or [len(CascadeConfig().stages)]
+
+
+def compared_metrics(runs) -> list[str]:
+    """The metric columns for ``runs``: ``joint_recall``, then ``<stage>_recall`` and ``<stage>_ndcg`` from
+    the last stage back to the first (the papers' column order), over every stage list among the runs."""
+    names = [JOINT]
+    for n in stage_counts(runs):
+        for stage in reversed(stage_names(n)):
+            names += [m for m in (f"{stage}_recall", f"{stage}_ndcg") if m not in names]
+    return names
+
+
+def metric_labels(runs) -> dict[str, str]:
+    """Paper-style column names from the runs' own config: ``Joint R@10@20``, ``Retrieval NDCG@10``...;
+    a stage is labelled from the first run of the deepest cascade that has it."""
+    labels: dict[str, str] = {}
+    for run in sorted((run for _, run in runs.iterrows()), key=stage_count, reverse=True):
+        n = stage_count(run)
+        if n == 0:
+            break
+        gt = run.get("params.objective.gt_k", "10")
+        ks = [run[f"params.stages.{i}.k"] for i in range(n)]
+        labels.setdefault(JOINT, f"Joint R@{gt}@{ks[-1]}")
         for name, k in zip(stage_names(n), ks, strict=True):
-            labels[f"{name}_recall"] = f"{name.capitalize()} R@{gt}@{k}"
-            labels[f"{name}_ndcg"] = f"{name.capitalize()} NDCG@10"
-    return {m: labels.get(m, m) for m in METRICS}
+            labels.setdefault(f"{name}_recall", f"{name.capitalize()} R@{gt}@{k}")
+            labels.setdefault(f"{name}_ndcg", f"{name.capitalize()} NDCG@10")
+    labels.setdefault(JOINT, "Joint R")
+    return {m: labels.get(m, m) for m in compared_metrics(runs)}
 
 
 def _sortable(values):
     """Sort key for a column of param strings: methods in the registry's (the papers') order, numbers
     numerically, anything else as text."""
-    import pandas as pd
-
     if values.name == METHOD:
-        from cascadelab.cascade.objectives import OBJECTIVES
-
         order = {name: i for i, name in enumerate(OBJECTIVES)}
         return values.map(lambda v: order.get(v, len(order)))
     numeric = pd.to_numeric(values, errors="coerce")
@@ -181,8 +204,6 @@ def _markdown(header: list[str], rows: list[list[str]]) -> str:
 
 def _aggregate(runs, group: list[str], metrics: list[str]):
     """Long form: one row per group with ``<m>_mean``, ``<m>_std`` (sample std, 0 for one run) and ``runs``."""
-    import pandas as pd
-
     frame = runs.rename(columns={f"params.{g}": g for g in group})
     for g in group:
         if g not in frame:
@@ -202,7 +223,7 @@ def _aggregate(runs, group: list[str], metrics: list[str]):
 
 
 def method_table(runs, settings: list[str]) -> Table:
-    metrics = [m for m in METRICS if f"metrics.{m}" in runs and runs[f"metrics.{m}"].notna().any()]
+    metrics = [m for m in compared_metrics(runs) if f"metrics.{m}" in runs and runs[f"metrics.{m}"].notna().any()]
     group = [METHOD, *[s for s in settings if s != METHOD]] if f"params.{METHOD}" in runs else list(settings)
     agg = _aggregate(runs, group, metrics)
     labels = metric_labels(runs)
@@ -215,8 +236,6 @@ def method_table(runs, settings: list[str]) -> Table:
 def curve_table(runs, settings: list[str], x_key: str, metric: str, key: str, title: str, xlabel: str,
                 ylabel: str, scale: float = 1.0, digits: int = 4) -> Table:
     """``metric`` against ``x_key``: one row per method (other settings), one column per value of x."""
-    import pandas as pd
-
     others = [s for s in settings if s not in (x_key, METHOD)]
     group = ([METHOD] if f"params.{METHOD}" in runs else []) + others
     agg = _aggregate(runs, [*group, x_key], [metric])
@@ -265,8 +284,6 @@ def _plot(series: dict[str, list[tuple[float, float, float]]], title: str, xlabe
 def streaming_frame(runs, history) -> Any:
     """One row per (run, evaluated day) from the ``stream_joint_recall`` history; ``history(run_id, key)``
     returns ``[(step, value), ...]`` (step d: the model trained through day d, scored on day d + 1)."""
-    import pandas as pd
-
     rows = []
     for _, run in runs.iterrows():
         for step, value in history(run["run_id"], "stream_joint_recall"):
@@ -335,8 +352,6 @@ def compare(uri: str, sweep: str | None = None, experiment: str | None = None,
     """Tables for a sweep (its child runs; files also logged to the parent run under ``compare/``) or for
     every finished training run of an experiment; files go to ``out`` (default ``compare_results/<name>``)."""
     from mlflow import MlflowClient
-
-    from cascadelab.platform.tracking import log_artifacts
 
     runs, parent = load_runs(uri, sweep, experiment)
     label = f"sweep {sweep}" if sweep else f"experiment {experiment}"

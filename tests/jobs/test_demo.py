@@ -1,0 +1,26 @@
+"""``cascadelab demo``'s table: its columns follow the configured stage list (no training here)."""
+
+from cascadelab.jobs.demo import columns, format_table
+from cascadelab.platform.config import load_config
+
+
+def test_two_stage_columns_are_the_papers_table():
+    assert columns(load_config()) == [
+        ("joint_recall", "joint R@10@20"), ("retrieval_recall", "retr R@10@30"), ("retrieval_ndcg", "retr NDCG@10"),
+        ("ranking_recall", "rank R@10@20"), ("ranking_ndcg", "rank NDCG@10"), ("samples_per_s", "samples/s"),
+        ("wall_time_s", "wall s")]
+
+
+def test_a_four_stage_table_shows_every_stage():
+    cfg = load_config(None, ["stages=[{model: dssm, k: 40}, {model: mlp, k: 30}, {model: mlp, k: 25}, "
+                             "{model: din, k: 20}]", "objective.gt_k=5"])
+    cols = columns(cfg)
+    assert [key for key, _ in cols][1:9] == ["retrieval_recall", "retrieval_ndcg", "prerank1_recall",
+                                             "prerank1_ndcg", "prerank2_recall", "prerank2_ndcg",
+                                             "ranking_recall", "ranking_ndcg"]
+    assert cols[0] == ("joint_recall", "joint R@5@20") and ("prerank2_recall", "prerank2 R@5@25") in cols
+    metrics = {key: 0.5 for key, _ in cols} | {"prerank1_ndcg": 0.25, "samples_per_s": 1234.4, "wall_time_s": 7.25}
+    header, rule, row = format_table([("bce", metrics)], cols).splitlines()
+    assert header.split(" | ")[5].strip() == "prerank1 NDCG@10" and set(rule) == {"-", "+"}
+    assert [c.strip() for c in row.split(" | ")] == ["bce", "0.5000", "0.5000", "0.5000", "0.5000", "0.2500",
+                                                   "0.5000", "0.5000", "0.5000", "0.5000", "1234", "7.2"]
