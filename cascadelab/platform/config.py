@@ -39,9 +39,9 @@ class DataConfig:
     max_rows_per_day: int | None = None  # cap rows read per training day (quick runs); None: all rows
     max_eval_rows: int | None = None  # cap rows of the held-out day; None: the whole day (never the training cap)
     skip_bad_files: bool = False  # validate every file first; skip (log, count) bad ones instead of stopping
-    # Ray Data's Parquet reader per day: "v2" (Ray 2.60's default; ~2x the streaming rate of v1, but 2-5 s
-    # of listing and footer-reader start-up before each day's first batch), "v1", or "auto": v1 for days
-    # under 64 MiB of Parquet, where that start-up dominates, else v2 (cascadelab.platform.data.ingest)
+    # Ray Data's Parquet reader per day: "v2" (Ray 2.60's default: a listing task and footer readers start
+    # before each day's first batch, then it streams faster), "v1", or "auto": v1 for days under
+    # ingest.V2_MIN_BYTES of Parquet, where that start-up dominates, else v2 (cascadelab.platform.data.ingest)
     parquet_reader: str = "auto"
 
 

@@ -4,7 +4,7 @@
 missing column or a wrong list length each stop with one line naming the file and the column).
 ``ArrowToTorch`` turns an Arrow batch into the tensors of a ``CascadeBatch``: the fixed-size list
 columns are reinterpreted as ``[B, slots, fields]`` views of the Arrow buffers; only the concatenation
-of the candidate groups copies.
+of the candidate groups copies. ``ray.data`` is imported lazily, by the function that builds a dataset.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import pyarrow.parquet as pq
 import torch
 from ray.data.collate_fn import ArrowBatchCollateFn
 
+from cascadelab.cascade.batch import CascadeBatch
+from cascadelab.cascade.negatives import sample_in_batch_negatives
 from cascadelab.platform.data.schema import (
     ITEM_FIELDS,
     SEQ_FIELDS,
@@ -81,12 +83,10 @@ V2_MIN_BYTES = 64 << 20
 def pick_reader(files: list[str], reader: str = "auto") -> str:
     """"v1" or "v2" for a day's files; "auto": v1 below ``V2_MIN_BYTES`` of Parquet, else v2.
 
-    Measured on 2 CPUs (cascadelab bench ingest and a tiny training run): with an explicit file list,
-    Ray 2.60's v2 reader still runs a ListFiles task and provisions footer readers for each dataset, and
-    a run reads one dataset per day; a tiny 3-day run's datasets took 5.1, 2.1 and 2.6 s with v2 against
-    1.9, 0.1 and 0.1 s with v1 (training wall time 30 s against 24 s). On a 130 MB day v2 streams about
-    twice as fast per Train worker (see the closing note of the data issue for the figures).
-    Sizes that cannot be read (remote paths) count as large.
+    Even with an explicit file list, Ray 2.60's v2 reader runs a ListFiles task and provisions footer
+    readers for each dataset, and a run reads one dataset per day: a fixed start-up cost per day, which
+    v1 does not pay and which dominates small days; on large days v2 streams faster per Train worker
+    (``cascadelab bench ingest`` measures both). Sizes that cannot be read (remote paths) count as large.
     """
     if reader != "auto":
         return reader
@@ -180,9 +180,6 @@ class ArrowToTorch(ArrowBatchCollateFn):
             check_tensors(tensors, self.vocab, self.source)
         if self.sample_num <= 0:
             return tensors
-        from cascadelab.cascade.batch import CascadeBatch
-        from cascadelab.cascade.negatives import sample_in_batch_negatives
-
         if self._generator is None:
             self._generator = torch.Generator().manual_seed(self.seed)
         grown = sample_in_batch_negatives(CascadeBatch.from_dict(tensors), self.sample_num, self._generator)

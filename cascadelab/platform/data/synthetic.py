@@ -6,7 +6,8 @@ popularity-sampled pool ranked by a noisy "production funnel" utility; the funne
 RecFlow groups (two-stage: rank_pos = top 10, rank_neg = 10-19, coarse_neg and prerank_neg sampled from
 deeper positions). The user's behaviour sequence is drawn from items they like, so the sequence and the
 ids carry the preference and a trained cascade beats an untrained one by a wide margin.
-Deterministic for a seed: day ``i`` draws from ``default_rng([seed, i])``.
+Deterministic for a seed: day ``i`` draws from ``default_rng([seed, i])``. Ray is imported lazily, only
+when the days are written in parallel.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from cascadelab.platform.data.schema import (
     stored_groups,
 )
 from cascadelab.platform.data.timefeat import day_range, day_start_ms, local_time_features
+from cascadelab.platform.runtime import ensure_ray
 
 log = logging.getLogger(__name__)
 
@@ -314,8 +316,6 @@ def generate(cfg: SyntheticConfig, out: str | Path, overwrite: bool = False,
     jobs = [(i, day, c, n) for i, day in enumerate(days) for c, n in enumerate(chunk_sizes(cfg))]
     if parallel:
         import ray
-
-        from cascadelab.platform.runtime import ensure_ray
 
         ensure_ray()
         task = ray.remote(num_cpus=1)(_write_chunk)

@@ -11,7 +11,7 @@ The training pipeline checks schemas before Ray starts and ids/labels batch by b
 
 A file is bad when it cannot be opened or decoded (corrupt or truncated), lacks a column or has one of
 another type, holds an id outside the vocabulary of ``dataset.json`` (or a negative id), or holds a NaN
-or infinite label. Every reason names the file and the field.
+or infinite label. Every reason names the file and the field. Ray is imported lazily, for the parallel check.
 """
 
 from __future__ import annotations
