@@ -37,6 +37,10 @@ ADMIN_USERNAME = "admin"
 JOBS_USERNAME = "cascadelab-jobs"
 #: Who may read an experiment they were granted nothing on; ``NO_PERMISSIONS`` makes experiments private.
 DEFAULT_PERMISSION = "READ"
+#: Seconds a checked username/password pair stays valid in each server worker. Without the cache every
+#: request (each metric batch a job logs) pays a PBKDF2 password hash on the server; with it a deleted
+#: user or a changed password keeps working for up to this long.
+AUTH_CACHE_TTL_S = 60
 #: MLflow's basic-auth app refuses passwords shorter than 12 characters; these are 32 random bytes.
 _TOKEN_BYTES = 32
 
@@ -83,7 +87,8 @@ def auth_config_text(state_dir: Path, admin_username: str = ADMIN_USERNAME) -> s
             f"default_permission = {DEFAULT_PERMISSION}\n"
             f"database_uri = sqlite:///{state_dir.resolve() / 'basic_auth.db'}\n"
             f"admin_username = {admin_username}\n"
-            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+            f"auth_cache_ttl_seconds = {AUTH_CACHE_TTL_S}\n")
 
 
 def server_secrets(path: Path) -> bool:
