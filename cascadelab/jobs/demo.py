@@ -9,7 +9,7 @@ from pathlib import Path
 
 from cascadelab.cascade.metrics import stage_names
 from cascadelab.jobs.common import add_config_args, standalone
-from cascadelab.platform.config import CascadeConfig, load_config
+from cascadelab.platform.config import CascadeConfig, load_config, parse_override, unflatten
 from cascadelab.platform.data.schema import METADATA_FILE
 from cascadelab.platform.data.synthetic import SyntheticConfig, generate
 from cascadelab.platform.train.run import run_training
@@ -70,8 +70,9 @@ def main(args: argparse.Namespace) -> int:
     rows = []
     t0 = time.perf_counter()
     for name in [o.strip() for o in args.objectives.split(",") if o.strip()]:
-        cfg = load_config(args.config, [f"data.path={data}", "data.batch_size=512", f"objective.name={name}",
-                                        "tracking.experiment=cascadelab-demo", *args.overrides])
+        settings = {"data.path": str(data), "data.batch_size": 512, "objective.name": name,
+                    "tracking.experiment": "cascadelab-demo", **dict(map(parse_override, args.overrides))}
+        cfg = load_config(args.config, unflatten(settings))  # --set last: it wins
         log.info("training %s", name)
         result = run_training(cfg)
         rows.append((name, result.metrics))

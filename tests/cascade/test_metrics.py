@@ -3,7 +3,7 @@ import math
 import torch
 
 from cascadelab.cascade.batch import CascadeBatch
-from cascadelab.cascade.metrics import cascade_selection, finalize, metric_sums, ndcg_at, stage_names
+from cascadelab.cascade.metrics import cascade_selection, finalize, metric_names, metric_sums, ndcg_at, stage_names
 
 
 def _batch(mask, label, slots=2):
@@ -16,6 +16,22 @@ def _batch(mask, label, slots=2):
 def test_stage_names():
     assert stage_names(2) == ["retrieval", "ranking"]
     assert stage_names(3) == ["retrieval", "prerank", "ranking"]
+    assert stage_names(4) == ["retrieval", "prerank1", "prerank2", "ranking"]
+    assert stage_names(1) == ["ranking"]
+
+
+def test_metric_names_are_the_keys_metric_sums_produces_for_any_depth():
+    b, n = 2, 8
+    mask = torch.ones(b, n, dtype=torch.bool)
+    label = torch.arange(n, 0, -1, dtype=torch.float32).repeat(b, 1)
+    for depth in (2, 3, 4):
+        ks = [6, 5, 4, 3][:depth]
+        scores = [torch.randn(b, n) for _ in ks]
+        sums = metric_sums(scores, ks, _batch(mask, label))
+        keys = [k for k in sums if k != "count" and not k.startswith("count_")]
+        assert sorted(keys) == sorted(metric_names(depth))
+        assert metric_names(depth)[0] == "joint_recall" and len(metric_names(depth)) == 1 + 2 * depth
+    assert metric_names(3, ndcg=False) == ["joint_recall", "retrieval_recall", "prerank_recall", "ranking_recall"]
 
 
 def test_two_stage_joint_recall_hand_computed():
