@@ -7,7 +7,7 @@ import logging
 import time
 
 from cascadelab.jobs.common import standalone
-from cascadelab.platform.config import ConfigError
+from cascadelab.platform.config import ConfigError, parse_override
 from cascadelab.platform.data.schema import ID_VOCAB_FIELDS
 from cascadelab.platform.data.synthetic import SyntheticConfig, generate
 
@@ -45,18 +45,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def parse_vocab(items: list[str]) -> dict[str, int]:
-    """``FIELD=N`` pairs -> vocabulary overrides; ConfigError naming --vocab on bad input."""
+    """``FIELD=N`` pairs (parsed like ``--set``, :func:`cascadelab.platform.config.parse_override`) ->
+    vocabulary overrides; ConfigError naming --vocab on bad input."""
     out = {}
     for item in items:
-        name, sep, raw = item.partition("=")
-        if not sep or name not in ID_VOCAB_FIELDS:
-            raise ConfigError(f"--vocab {item}: expected FIELD=N with FIELD one of {', '.join(ID_VOCAB_FIELDS)}")
         try:
-            n = int(raw)
-        except ValueError:
-            n = 0
-        if n <= 0:
-            raise ConfigError(f"--vocab {item}: expected a positive integer size, got '{raw}'")
+            name, n = parse_override(item)
+        except ConfigError:
+            name, n = "", None
+        if name not in ID_VOCAB_FIELDS:
+            raise ConfigError(f"--vocab {item}: expected FIELD=N with FIELD one of {', '.join(ID_VOCAB_FIELDS)}")
+        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+            raise ConfigError(f"--vocab {item}: expected a positive integer size, got {n!r}")
         out[name] = n
     return out
 
