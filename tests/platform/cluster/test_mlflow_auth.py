@@ -236,6 +236,16 @@ def test_the_jobs_user_is_no_admin_and_other_users_only_read(server, as_user):
     assert MlflowClient(server.uri).get_run(run_id).data.metrics == {"recall_day": 0.25}
     with pytest.raises(MlflowException, match="PERMISSION_DENIED|403"):
         MlflowClient(server.uri).delete_run(run_id)
+    with pytest.raises(MlflowException, match="PERMISSION_DENIED|403"):
+        MlflowClient(server.uri).log_metric(run_id, "by_alice", 1.0)
+
+    # deploy/README.md's recipe for more than READ on one experiment
+    as_user("admin", server.admin_password)
+    experiment_id = MlflowClient(server.uri).get_run(run_id).info.experiment_id
+    AuthServiceClient(server.uri).grant_user_permission("alice-reader", "experiment", experiment_id, "EDIT")
+    as_user("alice-reader", "alice-password-123")
+    MlflowClient(server.uri).log_metric(run_id, "by_alice", 1.0)
+    assert MlflowClient(server.uri).get_run(run_id).data.metrics["by_alice"] == 1.0
 
 
 def test_head_setup_is_idempotent_and_keeps_secrets_private(server, as_user, monkeypatch, capsys):
