@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from cascadelab.cascade.batch import CascadeBatch
 from cascadelab.cascade.models.attention import target_attention_logits
-from cascadelab.cascade.models.embedding import N_ITEM, N_SEQ, N_USER, CascadeEmbeddings, mlp
+from cascadelab.cascade.models.embedding import N_ITEM, N_SEQ, N_USER, CascadeEmbeddings, mlp, request_linear
 
 
 class DIN(nn.Module):
@@ -41,5 +41,6 @@ class DIN(nn.Module):
         logits = logits.masked_fill(~batch.seq_mask.unsqueeze(1), float("-inf"))
         weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # rows without behaviour -> 0
         interest = torch.einsum("bnl,bld->bnd", weights, seq)  # [B, n, d]
-        user = self.emb.user_features(batch.user).unsqueeze(1).expand(-1, items.shape[1], -1)
-        return self.scorer(torch.cat([user, interest, items], dim=-1)).squeeze(-1)
+        user = self.emb.user_features(batch.user)  # [B, 8E], shared by the request's candidates
+        hidden = request_linear(self.scorer[0], user, torch.cat([interest, items], dim=-1))
+        return self.scorer[1:](hidden).squeeze(-1)

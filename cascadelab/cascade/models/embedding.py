@@ -10,6 +10,7 @@ shifted like every other id (the reference's padding_idx 2 would freeze a real c
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cascadelab.cascade.batch import ITEM_FIELDS, SEQ_FIELDS, TIME_VOCAB, USER_FIELDS
@@ -67,6 +68,18 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     """``x: [B, L, D]``, ``mask: [B, L]`` bool -> ``[B, D]`` mean over valid positions (0 if none)."""
     m = mask.unsqueeze(-1).to(x.dtype)
     return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def request_linear(layer: nn.Linear, request: Tensor, candidates: Tensor) -> Tensor:
+    """``layer([request ; candidates])`` with the request's part broadcast over its candidates.
+
+    ``request: [B, Dr]``, ``candidates: [B, n, Dc]``, ``layer: Linear(Dr + Dc, out)`` -> ``[B, n, out]``.
+    The weight splits by columns, ``W [r ; c] + b = (W_r r + b) + W_c c``, so the request's product is
+    computed once per request instead of once per candidate.
+    """
+    dr = request.shape[-1]
+    per_request = F.linear(request, layer.weight[:, :dr], layer.bias)  # [B, out]
+    return F.linear(candidates, layer.weight[:, dr:]) + per_request.unsqueeze(1)
 
 
 def mlp(sizes: list[int], last_activation: bool = False) -> nn.Sequential:

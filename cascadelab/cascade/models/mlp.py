@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from cascadelab.cascade.batch import CascadeBatch
-from cascadelab.cascade.models.embedding import N_ITEM, N_SEQ, N_USER, CascadeEmbeddings, masked_mean, mlp
+from cascadelab.cascade.models.embedding import N_ITEM, N_SEQ, N_USER, CascadeEmbeddings, masked_mean, mlp, request_linear
 
 
 class MLP(nn.Module):
@@ -19,7 +19,6 @@ class MLP(nn.Module):
 
     def forward(self, batch: CascadeBatch) -> Tensor:
         seq = masked_mean(self.emb.seq_features(batch.seq), batch.seq_mask)
-        user = torch.cat([self.emb.user_features(batch.user), seq], dim=-1)
-        items = self.emb.item_features(batch.items)
-        user = user.unsqueeze(1).expand(-1, items.shape[1], -1)
-        return self.net(torch.cat([user, items], dim=-1)).squeeze(-1)
+        user = torch.cat([self.emb.user_features(batch.user), seq], dim=-1)  # [B, 13E], once per request
+        hidden = request_linear(self.net[0], user, self.emb.item_features(batch.items))  # [B, n, hidden]
+        return self.net[1:](hidden).squeeze(-1)
