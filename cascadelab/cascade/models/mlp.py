@@ -6,7 +6,15 @@ import torch
 from torch import Tensor, nn
 
 from cascadelab.cascade.batch import CascadeBatch
-from cascadelab.cascade.models.embedding import N_ITEM, N_SEQ, N_USER, CascadeEmbeddings, masked_mean, mlp, request_linear
+from cascadelab.cascade.models.embedding import (
+    N_ITEM,
+    N_SEQ,
+    N_USER,
+    CascadeEmbeddings,
+    masked_mean,
+    mlp,
+    request_linear,
+)
 
 
 class MLP(nn.Module):
