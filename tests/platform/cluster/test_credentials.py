@@ -14,6 +14,8 @@ from cascadelab.platform.cluster.credentials import (
     redact_urls,
     scrub_params,
 )
+from cascadelab.platform.cluster.jobs import PASSTHROUGH_ENV
+from cascadelab.platform.cluster.storage import SHARED_STORAGE_ENV
 from cascadelab.platform.config import ConfigError
 
 
@@ -31,9 +33,6 @@ def test_ordinary_names_are_not_credentials(name):
 
 
 def test_the_variables_submit_passes_through_are_not_credentials():
-    from cascadelab.platform.cluster.jobs import PASSTHROUGH_ENV
-    from cascadelab.platform.cluster.storage import SHARED_STORAGE_ENV
-
     for name in (*PASSTHROUGH_ENV, SHARED_STORAGE_ENV):
         assert not is_credential_name(name), name
 

@@ -8,6 +8,7 @@ The deploy files themselves are checked for where credentials go: the environmen
 (launcher clusters) and Kubernetes Secrets (KubeRay), never a job's env vars.
 
 The basic-auth app needs Flask-WTF (MLflow's ``auth`` extra); without it the server tests are skipped.
+mlflow is imported lazily, inside the tests that talk to the server.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import pytest
 import yaml
 
 from cascadelab.platform.cluster.credentials import check_job_env, is_credential_name
+from cascadelab.platform.tracking import check_tracking_uri, resolve_tracking_uri
 
 REPO = Path(__file__).resolve().parents[3]
 VENV_BIN = Path(sys.executable).parent
@@ -193,8 +195,6 @@ def test_unauthenticated_requests_are_refused(server):
 def test_the_projects_runs_log_with_the_nodes_credentials(server, as_user, monkeypatch):
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
-
-    from cascadelab.platform.tracking import check_tracking_uri, resolve_tracking_uri
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
     uri = resolve_tracking_uri(None)
