@@ -2,7 +2,8 @@
 
 Every grid point of the sweep config becomes one Tune trial that launches one Ray Train run, tracked as a
 child of the sweep's MLflow parent run. ``--resume`` continues an interrupted sweep without re-running the
-trials that finished. See ``cascadelab.platform.tune.sweep`` for the config format.
+trials that finished. See ``cascadelab.platform.tune.sweep`` for the config format. The result table has
+joint recall and every stage's recall (from the stage list).
 """
 
 from __future__ import annotations
@@ -10,8 +11,7 @@ from __future__ import annotations
 import argparse
 
 from cascadelab.jobs.common import add_skip_bad_files, standalone
-
-TABLE_METRICS = ("joint_recall", "ranking_recall", "retrieval_recall")
+from cascadelab.platform.tune.sweep import load_sweep, preflight, run_sweep
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -37,13 +37,11 @@ def _fmt(value) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    from cascadelab.platform.tune.sweep import load_sweep, preflight, run_sweep
-
     spec = load_sweep(args.config, args.overrides, args.name)  # every grid point validated: no Ray yet
     preflight(spec)
     result = run_sweep(spec, resume=args.resume)
     keys = list(spec.grid)
-    cols = ["trial_id", *keys, "status", *TABLE_METRICS]
+    cols = ["trial_id", *keys, "status", *spec.metric_names(ndcg=False)]  # joint, then each stage's recall
     rows = sorted(result.trials, key=lambda r: -(r.get("joint_recall") or -1.0))
     print(f"sweep {result.name}: {len(rows)} trials, MLflow parent run {result.parent_run_id} in {result.tracking_uri}")
     print("| " + " | ".join(cols) + " |")

@@ -1,7 +1,8 @@
 """``cascadelab train`` / ``python -m cascadelab.jobs.train``: tracked training runs on Ray.
 
 ``--seeds N`` repeats the run with N consecutive seeds under one MLflow parent run that holds the mean
-and standard deviation of every final metric; ``--resume RUN`` continues an interrupted run.
+and standard deviation of every final metric; ``--resume RUN`` continues an interrupted run. The
+training driver (which imports Ray) is imported lazily.
 """
 
 from __future__ import annotations
@@ -11,11 +12,10 @@ import json
 import statistics
 import time
 
+from cascadelab.cascade.metrics import metric_names
 from cascadelab.jobs.common import add_config_args, standalone
-from cascadelab.platform.config import ConfigError, flatten, load_config
-
-SUMMARY_KEYS = ("joint_recall", "retrieval_recall", "retrieval_ndcg", "prerank_recall", "prerank_ndcg",
-                "ranking_recall", "ranking_ndcg", "samples_per_s")
+from cascadelab.platform.config import CascadeConfig, ConfigError, flatten, load_config
+from cascadelab.platform.tracking import Tracker, resolve_tracking_uri
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -40,9 +40,13 @@ def mean_std(results: list[dict[str, float]]) -> dict[str, tuple[float, float]]:
     return out
 
 
+def summary_keys(num_stages: int) -> list[str]:
+    """What the repeated-seeds summary prints: every evaluation metric of the cascade, then throughput."""
+    return [*metric_names(num_stages), "samples_per_s"]
+
+
 def main(args: argparse.Namespace) -> int:
-    from cascadelab.platform.tracking import end_run, log_metrics, resolve_tracking_uri, start_run
-    from cascadelab.platform.train.run import load_run_config, run_training
+    from cascadelab.platform.train.run import load_run_config, run_training  # lazily, as Ray
 
     if args.seeds < 1:
         raise ConfigError(f"--seeds: expected a positive number of repeats, got {args.seeds}")
@@ -50,8 +54,7 @@ def main(args: argparse.Namespace) -> int:
     if args.resume:
         if args.seeds != 1:
             raise ConfigError("--resume continues one run; it cannot be combined with --seeds")
-        uri = resolve_tracking_uri(cfg.tracking.uri)
-        cfg = load_run_config(uri, cfg.tracking.experiment, args.resume)
+        cfg = load_run_config(resolve_tracking_uri(cfg.tracking.uri), cfg.tracking.experiment, args.resume)
         result = run_training(cfg, resume=args.resume)
         print(json.dumps({"run_id": result.run_id, "run_name": result.run_name, "metrics": result.metrics}, indent=2))
         return 0
@@ -60,26 +63,33 @@ def main(args: argparse.Namespace) -> int:
         print(json.dumps({"run_id": result.run_id, "run_name": result.run_name,
                           "tracking_uri": result.tracking_uri, "metrics": result.metrics}, indent=2))
         return 0
+    return repeat_seeds(args, cfg)
 
-    uri = resolve_tracking_uri(cfg.tracking.uri)
+
+def repeat_seeds(args: argparse.Namespace, cfg: CascadeConfig) -> int:
+    """``--seeds N``: N runs with consecutive seeds under one parent run holding each metric's mean and std."""
+    from cascadelab.platform.train.run import run_training  # lazily, as Ray
+
     base = cfg.train.seed
-    parent = start_run(uri, cfg.tracking.experiment,
-                       f"{cfg.objective.name}-x{args.seeds}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}",
-                       {**flatten(cfg.to_dict()), "seeds": args.seeds}, tags={"cascadelab.repeats": str(args.seeds)})
+    name = f"{cfg.objective.name}-x{args.seeds}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    parent = Tracker.start(resolve_tracking_uri(cfg.tracking.uri), cfg.tracking.experiment, name,
+                           {**flatten(cfg.to_dict()), "seeds": args.seeds},
+                           tags={"cascadelab.repeats": str(args.seeds)})
     results = []
     try:
         for i in range(args.seeds):
             run_cfg = load_config(args.config, [*args.overrides, f"train.seed={base + i}"])
-            results.append(run_training(run_cfg, tags={"mlflow.parentRunId": parent}).metrics)
+            results.append(run_training(run_cfg, tags={"mlflow.parentRunId": parent.run_id}).metrics)
     except BaseException:
-        end_run(uri, parent, "FAILED")
+        parent.close("FAILED")
         raise
     stats = mean_std(results)
-    log_metrics(uri, parent, {**{f"{k}_mean": m for k, (m, _) in stats.items()},
-                              **{f"{k}_std": s for k, (_, s) in stats.items()}})
-    end_run(uri, parent)
-    print(f"{cfg.objective.name}, {args.seeds} seeds ({base}..{base + args.seeds - 1}), MLflow parent run {parent}:")
-    for key in SUMMARY_KEYS:
+    parent.log_dict({**{f"{k}_mean": m for k, (m, _) in stats.items()},
+                     **{f"{k}_std": s for k, (_, s) in stats.items()}})
+    parent.close()
+    print(f"{cfg.objective.name}, {args.seeds} seeds ({base}..{base + args.seeds - 1}), "
+          f"MLflow parent run {parent.run_id}:")
+    for key in summary_keys(len(cfg.stages)):
         if key in stats:
             print(f"  {key:18s} {stats[key][0]:.4f} +- {stats[key][1]:.4f}")
     return 0

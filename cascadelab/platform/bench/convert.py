@@ -9,12 +9,14 @@ Two day sizes are converted; reported per size: peak RSS, the in-memory size of 
 requests/s. The peak is fitted as a line in the number of requests through the two sizes and
 extrapolated to ``full_day_requests`` (RecFlow: 9.3M requests over 37 days, ~250k per day). The
 converter holds one pickle plus a few chunks, so the slope should be about the larger pickle's size
-per request.
+per request. ray and matplotlib are imported lazily (inside functions).
 """
 
 from __future__ import annotations
 
+import gc
 import json
+import logging
 import pickle
 import sys
 import tempfile
@@ -24,6 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import psutil
+
+from cascadelab.platform.data.recflow import convert_recflow, peak_rss_mib
+from cascadelab.platform.runtime import ensure_ray
 
 STAGE_SIZES = {"rerank_pos": 6, "rerank_neg": 4, "rank_pos": 10, "rank_neg": 30, "coarse_neg": 60,
                "prerank_neg": 90}
@@ -96,10 +102,6 @@ def write_release_day(base: Path, day: str, requests: int, candidates: int, seed
 
 def _pickle_mib(path: Path) -> float:
     """Resident growth from loading one pickle (measured in this process, then freed)."""
-    import gc
-
-    import psutil
-
     proc = psutil.Process()
     gc.collect()
     before = proc.memory_info().rss
@@ -112,10 +114,6 @@ def _pickle_mib(path: Path) -> float:
 
 def convert_in_fresh_process(src: str, out: str) -> dict[str, float]:
     """Convert the release at ``src``; returns wall time and this process's peak RSS."""
-    import logging
-
-    from cascadelab.platform.data.recflow import convert_recflow, peak_rss_mib
-
     logging.basicConfig(level=logging.INFO)
     base = peak_rss_mib()
     t0 = time.perf_counter()
@@ -143,8 +141,6 @@ def _one_size(cfg: ConvertBenchConfig, requests: int, tmp: Path) -> dict:
 
 
 def run_convert_bench(cfg: ConvertBenchConfig, out_dir: Path) -> dict:
-    from cascadelab.platform.runtime import ensure_ray
-
     if len(cfg.requests) != 2 or cfg.requests[0] >= cfg.requests[1]:
         raise ValueError(f"requests: expected two increasing day sizes, got {cfg.requests}")
     out_dir = Path(out_dir)

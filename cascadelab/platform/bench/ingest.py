@@ -21,7 +21,8 @@ worker, and the peak of the summed PSS (shared object-store pages split between 
 once) over every Ray worker process (Train workers and Ray Data tasks), sampled every 0.25 s.
 
 The day must be much larger than what Ray Data prefetches before the first batch, or the steady-state
-rate only measures draining a buffer; the default day (262,144 requests) takes ~30 s to generate.
+rate only measures draining a buffer (the default day has 262,144 requests). ray and matplotlib are
+imported lazily (inside functions).
 """
 
 from __future__ import annotations
@@ -34,13 +35,19 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch.distributed as dist
 
+from cascadelab.platform.bench.train import bare_loop_rate
+from cascadelab.platform.config import PARQUET_READERS, load_config
 from cascadelab.platform.data.ingest import ArrowToTorch, day_files, pick_reader, read_day
 from cascadelab.platform.data.recflow import peak_rss_mib
 from cascadelab.platform.data.schema import DatasetMeta, columns_for, groups_for
 from cascadelab.platform.data.synthetic import SyntheticConfig, generate
+from cascadelab.platform.runtime import ensure_ray
+from cascadelab.platform.train.plan import plan_run
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +109,6 @@ def _consume_loop(config: dict) -> dict[str, float]:
     out = {"rows": float(rows), "rows_per_s": (rows - first_rows) / steady if first else 0.0,
            "rows_per_s_end_to_end": rows / max(end - t_start, 1e-9),
            "first_batch_s": (first or end) - t_start, "peak_rss_mib": peak_rss_mib()}
-    import torch.distributed as dist
-
     gathered = [out]
     if dist.is_available() and dist.is_initialized():
         gathered = [None] * dist.get_world_size()
@@ -113,8 +118,6 @@ def _consume_loop(config: dict) -> dict[str, float]:
 
 
 def _ray_rss_sampler(stop: threading.Event, peak: list[float]) -> None:
-    import psutil
-
     while not stop.is_set():
         total = 0.0
         for p in psutil.process_iter(["cmdline"]):
@@ -168,11 +171,6 @@ def ray_data_rates(files: list[str], root: str, day: str, meta: DatasetMeta, gro
 def run_ingest_bench(cfg: IngestBenchConfig, out_dir: Path) -> dict:
     import ray
 
-    from cascadelab.platform.bench.train import bare_loop_rate
-    from cascadelab.platform.config import PARQUET_READERS, load_config
-    from cascadelab.platform.runtime import ensure_ray
-    from cascadelab.platform.train.run import torch_threads
-
     if cfg.parquet_reader not in PARQUET_READERS:
         raise ValueError(f"parquet_reader: expected one of {', '.join(PARQUET_READERS)}, got {cfg.parquet_reader!r}")
     out_dir = Path(out_dir)
@@ -193,11 +191,12 @@ def run_ingest_bench(cfg: IngestBenchConfig, out_dir: Path) -> dict:
         fresh = ray.remote(num_cpus=1, max_calls=1)  # a new process per task: its peak RSS is its own
         floor = ray.get(fresh(pyarrow_floor).remote(files, groups, cfg.batch_size, cfg.sample_num, cfg.seed,
                                                     meta.vocab))
-        base = load_config(None, [f"data.path={root}", f"data.batch_size={cfg.batch_size}",
-                                  f"objective.name={cfg.objective}", f"train.cpus_per_worker={cfg.cpus_per_worker}"])
-        threads = torch_threads(base)
+        plan = plan_run(load_config(None, {  # the training step's rate on this day: trained and held out
+            "data": {"path": root, "batch_size": cfg.batch_size, "train_days": [day], "eval_day": day},
+            "objective": {"name": cfg.objective}, "train": {"cpus_per_worker": cfg.cpus_per_worker}}))
+        threads = plan.torch_threads
         step = ray.get(ray.remote(num_cpus=cfg.cpus_per_worker, max_calls=1)(bare_loop_rate).remote(
-            base, meta, [day], threads, cfg.train_batches))
+            plan, [day], cfg.train_batches))
         result: dict = {"config": asdict(cfg), "files": len(files), "data_mib": size_mib, "day": day,
                         "parquet_reader": pick_reader(files, cfg.parquet_reader),
                         "torch_threads": threads, "pyarrow": floor, "train_step": step}

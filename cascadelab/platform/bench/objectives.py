@@ -20,16 +20,18 @@ Skips (recorded as ``"skipped: <reason>"``): objectives that build B x N x N ten
 ``B * N^3`` element-operations exceed ``max_sort_work``. A case whose first warm-up step takes longer
 than ``max_step_seconds`` is timed on that one step only (``"steps": 1`` in the JSON).
 
-Deviations from the requested protocol, so that the default run takes a few minutes on 2 CPU cores:
+Deviations from the paper's protocol, so that the default run fits a small CPU host:
 
 * batch 32, not 1024. The DIN target attention holds B x N x L x 80 floats: 17 GB at B = 1024,
-  N = 1040, L = 50 (more than a CPU host's memory, minutes per step on 2 cores). The model and every
+  N = 1040, L = 50 (more than a CPU host's memory). The model and every
   objective are linear in B, so the objective / bce ratios hardly depend on it. 32 is about the
   smallest batch whose other requests hold the 1000 foreign candidates N = 1040 needs (31 x 40).
 * behaviour sequence of 10, not 50 (``seq_len``): the attention over it dominates the step and is
   linear in L. A cheaper model makes every objective's overhead a larger share of the step, so the
   ratios to bce are conservative (upper bounds of the paper-model ratios). ``--set seq_len=50`` and
   ``--set batch=1024`` run the paper's model and batch where time and memory allow.
+
+matplotlib is imported lazily (inside the plotting function).
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ _ITEM_HIGH = ("video_id", "author_id", "category_level_two", "category_level_one
 
 @dataclass
 class ObjectiveBenchConfig:
-    """What to time; the defaults finish in a few minutes on 2 CPU cores."""
+    """What to time; the defaults fit a CPU host (see the module docstring)."""
 
     objectives: tuple[str, ...] = DEFAULT_OBJECTIVES
     n_values: tuple[int, ...] = (40, 200, 1040)
@@ -75,7 +77,7 @@ class ObjectiveBenchConfig:
     threads: int = 0  # torch intra-op threads for the run; 0 = leave torch's setting (all cores)
     emb_dim: int = 8
     hidden: int = 128
-    seq_len: int = 10  # behaviour sequence length (the paper's 50 costs ~5x per step, see the docstring)
+    seq_len: int = 10  # behaviour sequence length (the paper's 50: see the module docstring)
     pad_prob: float = 0.05  # share of padded slots among the 40 logged candidates
     lr: float = 1e-2
     max_quadratic_bytes: int = 1 << 30  # skip O(N^2) objectives when B * N * N * 4 bytes exceeds this

@@ -6,6 +6,7 @@ Ray Train; it runs as one Ray task so that its process environment matches a Tra
 Parquet through Ray Data into a Ray Train worker. Reported: steady-state samples/s of each (the Ray
 figure excludes each day's pipeline start-up, reported separately as end-to-end throughput), their
 ratio, and the 2-worker scaling efficiency = rate(2 workers) / (2 x rate(1 worker)).
+ray and matplotlib are imported lazily (inside functions).
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ import pyarrow.parquet as pq
 import torch
 
 from cascadelab.cascade.batch import CascadeBatch
-from cascadelab.platform.config import load_config
+from cascadelab.platform.config import load_config, unflatten
 from cascadelab.platform.data.ingest import arrow_to_tensors, day_files
-from cascadelab.platform.data.schema import DatasetMeta, groups_for
 from cascadelab.platform.data.synthetic import SyntheticConfig, generate
+from cascadelab.platform.runtime import ensure_ray
+from cascadelab.platform.train.plan import RunPlan, plan_run
+from cascadelab.platform.train.run import run_training
 
 log = logging.getLogger(__name__)
 
@@ -42,25 +45,24 @@ class TrainBenchConfig:
     seed: int = 0
 
 
-def bare_loop_rate(cfg, meta: DatasetMeta, days: list[str], threads: int,
-                   max_batches: int | None = None) -> dict[str, float]:
-    """Samples/s of a single-process loop over pre-collated in-memory batches (first step excluded);
-    ``max_batches``: stop after that many batches."""
-    from cascadelab.platform.train.loop import build_cascade
-
-    groups = groups_for("two_stage")
+def bare_loop_rate(plan: RunPlan, days: list[str], max_batches: int | None = None) -> dict[str, float]:
+    """Samples/s of a single-process loop over pre-collated in-memory batches of ``days`` (first step
+    excluded), with the plan's cascade, batch size, seed and torch threads; ``max_batches``: stop after
+    that many batches."""
+    cfg = plan.config
     batches = []
     for day in days:
-        table = pq.read_table(day_files(cfg.data.path, day, meta.mode, groups))
+        table = pq.read_table(day_files(cfg.data.path, day, plan.meta.mode, plan.groups))
         for start in range(0, table.num_rows, cfg.data.batch_size):
-            batches.append(CascadeBatch.from_dict(arrow_to_tensors(table.slice(start, cfg.data.batch_size), groups)))
+            batches.append(CascadeBatch.from_dict(arrow_to_tensors(table.slice(start, cfg.data.batch_size),
+                                                                   plan.groups)))
             if max_batches is not None and len(batches) >= max_batches:
                 break
         if max_batches is not None and len(batches) >= max_batches:
             break
-    torch.set_num_threads(threads)
+    torch.set_num_threads(plan.torch_threads)
     torch.manual_seed(cfg.train.seed)
-    model = build_cascade(cfg, meta.vocab)
+    model = plan.build_cascade()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
     times, rows = [], 0
     for i, batch in enumerate(batches):
@@ -76,11 +78,11 @@ def bare_loop_rate(cfg, meta: DatasetMeta, days: list[str], threads: int,
             "steps": float(len(times))}
 
 
+RAY_KEYS = ("samples_per_s", "train_rows", "wall_time_s")
+
+
 def run_train_bench(cfg: TrainBenchConfig, out_dir: Path) -> dict:
     import ray
-
-    from cascadelab.platform.runtime import ensure_ray
-    from cascadelab.platform.train.run import plan_days, run_training, torch_threads
 
     out_dir = Path(out_dir)
     with tempfile.TemporaryDirectory() as tmp:
@@ -90,32 +92,27 @@ def run_train_bench(cfg: TrainBenchConfig, out_dir: Path) -> dict:
             generate(SyntheticConfig(days=cfg.days, requests_per_day=cfg.requests_per_day, seed=cfg.seed), data)
         uri = cfg.tracking_uri or f"sqlite:///{Path(tmp) / 'bench.db'}"
 
-        def config(*extra):
-            return load_config(None, [f"data.path={data}", f"data.batch_size={cfg.batch_size}",
-                                      f"objective.name={cfg.objective}", f"tracking.uri={uri}",
-                                      "tracking.experiment=cascadelab-bench-train",
-                                      f"train.storage_path={Path(tmp) / 'results'}", *extra])
+        def config(**extra):
+            return load_config(None, unflatten({
+                "data.path": data, "data.batch_size": cfg.batch_size, "objective.name": cfg.objective,
+                "tracking.uri": uri, "tracking.experiment": "cascadelab-bench-train",
+                "train.storage_path": str(Path(tmp) / "results"), **extra}))
 
         base = config()
-        meta = DatasetMeta.read(data)
-        train_days, _ = plan_days(meta, base)
-        threads = torch_threads(base)
+        plan = plan_run(base)
         ensure_ray()
         # the floor runs in a Ray task with the Train worker's CPU reservation and threads (same process
         # environment, e.g. OMP_NUM_THREADS), minus Ray Data and Ray Train
         bare = ray.get(ray.remote(num_cpus=base.train.cpus_per_worker)(bare_loop_rate).remote(
-            base, meta, train_days, threads))
+            plan, list(plan.train_days)))
         one = run_training(base)
-        result = {
-            "config": asdict(cfg), "threads": threads, "torch": torch.__version__,
-            "bare": bare,
-            "ray_1_worker": {k: one.metrics[k] for k in ("samples_per_s", "train_rows", "wall_time_s")},
-        }
+        result = {"config": asdict(cfg), "threads": plan.torch_threads, "torch": torch.__version__, "bare": bare,
+                  "ray_1_worker": {k: one.metrics[k] for k in RAY_KEYS}}
         result["ray_1_worker"]["end_to_end_samples_per_s"] = one.metrics["train_rows"] / one.metrics["wall_time_s"]
         ratios = {"overhead_ratio_1_worker": one.metrics["samples_per_s"] / bare["samples_per_s"]}
         if cfg.two_workers:
-            two = run_training(config("train.num_workers=2", "train.cpus_per_worker=0.5"))
-            result["ray_2_workers"] = {k: two.metrics[k] for k in ("samples_per_s", "train_rows", "wall_time_s")}
+            two = run_training(config(**{"train.num_workers": 2, "train.cpus_per_worker": 0.5}))
+            result["ray_2_workers"] = {k: two.metrics[k] for k in RAY_KEYS}
             ratios["scaling_efficiency_2_workers"] = two.metrics["samples_per_s"] / (2 * one.metrics["samples_per_s"])
         result["ratios"] = ratios
     (out_dir / "train.json").write_text(json.dumps(result, indent=2))

@@ -1,12 +1,15 @@
 """The Ray Train worker loop: one loop for every objective and any number of stages.
 
-Trains day by day in date order (one Ray Dataset shard per day). Checkpoints after each day and, if
+Each worker receives ``{"plan": RunPlan, "tracker": Tracker}`` as its ``train_loop_config``. It trains
+day by day in date order (one Ray Dataset shard per day). Checkpoints after each day and, if
 ``train.checkpoint_every_steps > 0``, every N steps; the checkpoint records the day and the number of
 batches of that day already trained, so a replaced worker group resumes exactly there (earlier batches
 of the day are read and skipped, never trained twice; the order is deterministic because training
 datasets are read with ``preserve_order``). With ``train.streaming_eval`` the model trained on the days
 before ``t`` is evaluated on day ``t`` (the papers' Figure 2 protocol). Rank 0 logs to MLflow
 (step = day index). Every rank calls ``ray.train.report`` the same number of times (it is a barrier).
+A failure of a day's data pipeline leaves the worker as a :class:`ShardError` naming the day.
+Ray is imported lazily (inside functions).
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +30,10 @@ import torch.distributed as dist
 from cascadelab.cascade.batch import CascadeBatch
 from cascadelab.cascade.cascade import Cascade
 from cascadelab.cascade.metrics import finalize, metric_sums
-from cascadelab.platform.config import CascadeConfig, from_dict
 from cascadelab.platform.data.ingest import ArrowToTorch
-from cascadelab.platform.tracking import log_metrics
+from cascadelab.platform.data.schema import DataError
+from cascadelab.platform.tracking import Tracker
+from cascadelab.platform.train.plan import RunPlan
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FILE = "cascade.pt"
@@ -36,6 +41,50 @@ CHECKPOINT_FILE = "cascade.pt"
 
 class InjectedFailure(RuntimeError):
     """Raised once by ``train.fail_at_step`` to test fault tolerance."""
+
+
+class ShardError(DataError):
+    """Reading or collating day ``day``'s shard failed in a Train worker.
+
+    ``checked``: the failure is one of the data checks (a ``DataError``: an id outside the vocabulary,
+    a bad label), whose message names the day and the field; otherwise the read itself failed (Ray Data,
+    Arrow) and the message is that error's first line. It pickles with its fields, so the driver gets
+    it back from Ray Train's ``WorkerGroupError.worker_failures``.
+    """
+
+    def __init__(self, day: str, message: str, checked: bool):
+        super().__init__(message)
+        self.day, self.message, self.checked = day, message, checked
+
+    def __reduce__(self):
+        return type(self), (self.day, self.message, self.checked)
+
+    @classmethod
+    def from_failure(cls, day: str, exc: BaseException) -> ShardError:
+        seen, todo = set(), [exc]
+        while todo:  # the exception and what it was raised from: a check's DataError may be wrapped
+            e = todo.pop()
+            if id(e) in seen:
+                continue
+            seen.add(id(e))
+            if isinstance(e, DataError):
+                return cls(day, str(e), checked=True)
+            todo += [x for x in (e.__cause__, e.__context__) if x is not None]
+        first = (str(exc).strip().splitlines() or [""])[0]
+        return cls(day, f"reading day '{day}' failed: {type(exc).__name__}: {first}", checked=False)
+
+
+def read_shard(batches: Iterable, day: str) -> Iterator:
+    """``batches`` as they come, with any failure of the data pipeline raised as a ShardError of ``day``."""
+    it = iter(batches)
+    while True:
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        except Exception as exc:  # noqa: BLE001 - every failure of the pipeline is a failure of this day
+            raise ShardError.from_failure(day, exc) from exc
+        yield item
 
 
 @dataclass
@@ -49,9 +98,39 @@ class LoopState:
     train_s: float = 0.0  # steady-state training time of committed steps
 
 
-def build_cascade(cfg: CascadeConfig, vocab: dict[str, int]) -> Cascade:
-    return Cascade([s.model for s in cfg.stages], [s.k for s in cfg.stages], vocab, cfg.objective.name,
-                   dict(vars(cfg.objective)), emb_dim=cfg.model.emb_dim, hidden=cfg.model.hidden)
+@dataclass
+class DayClock:
+    """Steady-state time of one day's steps: the waits for batches are counted apart, and the first one
+    (the day's pipeline start-up) is left out of both."""
+
+    busy_s: float = 0.0
+    wait_s: float = 0.0
+    first_wait: float = 0.0
+    steps: int = 0
+    t_seg: float = field(default_factory=time.perf_counter)  # start of the current timed segment
+    t_wait: float = field(default_factory=time.perf_counter)  # when the loop asked for the next batch
+
+    def restart(self) -> None:
+        """A batch skipped on resume: time starts again after it."""
+        self.t_seg = self.t_wait = time.perf_counter()
+
+    def got_batch(self) -> None:
+        waited = time.perf_counter() - self.t_wait
+        if self.steps == 0:
+            self.first_wait = waited
+        else:
+            self.wait_s += waited
+        self.steps += 1
+
+    def waiting(self) -> None:
+        self.t_wait = time.perf_counter()
+
+    def segment(self) -> float:
+        """Close the current segment; returns its steady-state seconds."""
+        seg = time.perf_counter() - self.t_seg - self.first_wait
+        self.busy_s += seg
+        self.first_wait = 0.0
+        return seg
 
 
 def _distributed() -> bool:
@@ -81,14 +160,15 @@ def _unwrap(model: torch.nn.Module) -> Cascade:
     return model.module if hasattr(model, "module") else model
 
 
-def evaluate(model: torch.nn.Module, shard, collate: ArrowToTorch, batch_size: int,
-             device: torch.device) -> dict[str, float]:
-    """Metric means over the evaluation data (each worker scores its shard; sums are all-reduced)."""
+def evaluate(model: torch.nn.Module, shard, collate: ArrowToTorch, batch_size: int, device: torch.device,
+             day: str) -> dict[str, float]:
+    """Metric means over the evaluation data of ``day`` (each worker scores its shard; sums are all-reduced)."""
     cascade = _unwrap(model)
     cascade.eval()
     sums: dict[str, float] = {}
     with torch.no_grad():
-        for tensors in shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate, device=device):
+        batches = shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate, device=device)
+        for tensors in read_shard(batches, day):
             batch = CascadeBatch.from_dict(tensors)
             for key, value in metric_sums(cascade.scores(batch), cascade.ks, batch).items():
                 sums[key] = sums.get(key, 0.0) + value
@@ -105,9 +185,10 @@ def _progress(enabled: bool, rank: int, desc: str, total: int):
     return tqdm_ray.tqdm(desc=desc, total=total, unit="step")
 
 
-def _maybe_fail(cfg: CascadeConfig, state: LoopState, rank: int, marker: str | None) -> None:
+def _maybe_fail(plan: RunPlan, state: LoopState, rank: int) -> None:
     """Fault injection for tests: rank ``train.fail_rank`` raises once when it reaches the chosen step."""
-    if cfg.train.fail_at_step < 0 or state.global_step != cfg.train.fail_at_step or rank != cfg.train.fail_rank:
+    train, marker = plan.config.train, plan.failure_marker
+    if train.fail_at_step < 0 or state.global_step != train.fail_at_step or rank != train.fail_rank:
         return
     if marker is None or os.path.exists(marker):
         return
@@ -119,47 +200,47 @@ def _maybe_fail(cfg: CascadeConfig, state: LoopState, rank: int, marker: str | N
 class _Trainer:
     """The per-worker training state and the steps of the loop (kept small so the loop reads top-down)."""
 
-    def __init__(self, loop_config: dict[str, Any]):
+    def __init__(self, plan: RunPlan, tracker: Tracker):
         import ray.train
         from ray.train.torch import get_device, prepare_model
 
-        self.lc = loop_config
-        self.cfg = cfg = from_dict(loop_config["config"])
-        self.days: list[str] = loop_config["train_days"]
-        self.uri, self.run_id = loop_config["tracking_uri"], loop_config["run_id"]
+        self.plan, self.tracker, self.cfg = plan, tracker, plan.config
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        torch.set_num_threads(loop_config.get("torch_threads") or 1)
-        torch.manual_seed(cfg.train.seed)
+        torch.set_num_threads(plan.torch_threads)
+        torch.manual_seed(self.cfg.train.seed)
         self.device = get_device()
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                         if cfg.train.bf16 and self.device.type == "cuda" else contextlib.nullcontext())
-        model = build_cascade(cfg, loop_config["vocab"])
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
-        self.state = LoopState()
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is not None:
-            with checkpoint.as_directory() as d:
-                saved = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
-            model.load_state_dict(saved["model"])
-            self.optimizer.load_state_dict(saved["optimizer"])
-            self.state = LoopState(**saved["state"])
-            log.info("rank %d resumed at day %d, batch %d (global step %d)", self.rank, self.state.day,
-                     self.state.step_in_day, self.state.global_step)
+                         if self.cfg.train.bf16 and self.device.type == "cuda" else contextlib.nullcontext())
+        model = plan.build_cascade()
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=self.cfg.train.lr)
+        self.state = self._restore(model, ray.train.get_checkpoint())
         self.model = prepare_model(model)
-        self.groups = tuple(loop_config["groups"])
-        self.eval_collate = self.collate_for(loop_config.get("eval_day", "eval"), evaluation=True)
+        self.eval_collate = self.collate_for(plan.eval_day, evaluation=True)
         self._pending = {"rows": 0.0, "busy_s": 0.0}  # local progress since the last report
+
+    def _restore(self, model: Cascade, checkpoint) -> LoopState:
+        """Weights, optimizer and progress from Ray Train's checkpoint to resume from, if any."""
+        if checkpoint is None:
+            return LoopState()
+        with checkpoint.as_directory() as d:
+            saved = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+        model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        state = LoopState(**saved["state"])
+        log.info("rank %d resumed at day %d, batch %d (global step %d)", self.rank, state.day,
+                 state.step_in_day, state.global_step)
+        return state
 
     def collate_for(self, day: str, evaluation: bool = False) -> ArrowToTorch:
         """The collate of one day's data: id/label checks naming the day, in-batch negatives."""
         data = self.cfg.data
         source = f"day '{day}' ({Path(data.path) / f'day={day}'})"
         if evaluation:
-            return ArrowToTorch(self.groups, data.eval_sample_num, seed=1024 + self.rank,
-                                vocab=self.lc["vocab"], source=source)
-        return ArrowToTorch(self.groups, data.sample_num, seed=self.cfg.train.seed * 1000 + self.rank,
-                            vocab=self.lc["vocab"], source=source)
+            return ArrowToTorch(self.plan.groups, data.eval_sample_num, seed=1024 + self.rank,
+                                vocab=self.plan.vocab, source=source)
+        return ArrowToTorch(self.plan.groups, data.sample_num, seed=self.cfg.train.seed * 1000 + self.rank,
+                            vocab=self.plan.vocab, source=source)
 
     def step(self, batch: CascadeBatch) -> dict[str, torch.Tensor]:
         with self.autocast:
@@ -181,43 +262,40 @@ class _Trainer:
             ckpt = None
             if checkpoint and self.rank == 0:
                 torch.save({"model": _unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
-                            "state": asdict(self.state), "config": self.lc["config"], "vocab": self.lc["vocab"],
-                            "days": self.days}, os.path.join(tmp, CHECKPOINT_FILE))
+                            "state": asdict(self.state), "config": self.cfg.to_dict(), "vocab": self.plan.vocab,
+                            "days": list(self.plan.train_days)}, os.path.join(tmp, CHECKPOINT_FILE))
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({**metrics, "global_step": self.state.global_step}, checkpoint=ckpt)
 
-    def train_day(self, day_index: int) -> dict[str, float]:
+    def _batches(self, day_index: int) -> Iterator[dict[str, torch.Tensor]]:
         import ray.train
 
-        cfg, st = self.cfg, self.state
-        day = self.days[day_index]
+        cfg, day = self.cfg, self.plan.train_days[day_index]
         shard = ray.train.get_dataset_shard(f"train-{day}")
+        return read_shard(shard.iter_torch_batches(
+            batch_size=cfg.data.batch_size, collate_fn=self.collate_for(day), device=self.device,
+            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+            local_shuffle_seed=cfg.train.seed + day_index), day)
+
+    def train_day(self, day_index: int) -> dict[str, float]:
+        """Train one day (from the checkpointed batch when resuming it); returns the day's metrics."""
+        cfg, st, days = self.cfg, self.state, self.plan.train_days
         skip = st.step_in_day if day_index == st.day else 0
         st.day, st.step_in_day = day_index, skip
-        rows_day = self.lc.get("rows_per_day", {}).get(day, 0)
-        bar = _progress(self.lc.get("progress", False), self.rank, f"day {day_index + 1}/{len(self.days)} {day}",
+        rows_day = self.plan.rows_per_day.get(days[day_index], 0)
+        bar = _progress(self.plan.progress, self.rank, f"day {day_index + 1}/{len(days)} {days[day_index]}",
                         -(-rows_day // (self.world * cfg.data.batch_size)))
-        rows, steps, wait_s, first_wait, busy_s = 0, 0, 0.0, 0.0, 0.0
-        sums: dict[str, torch.Tensor] = {}
-        t_seg = t_wait = time.perf_counter()  # start of the current timed segment
-        for i, tensors in enumerate(shard.iter_torch_batches(
-                batch_size=cfg.data.batch_size, collate_fn=self.collate_for(day), device=self.device,
-                local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
-                local_shuffle_seed=cfg.train.seed + day_index)):
+        rows, sums, clock = 0, {}, DayClock()
+        for i, tensors in enumerate(self._batches(day_index)):
             if i < skip:  # trained before a failure; the checkpoint already holds its update
-                t_seg = t_wait = time.perf_counter()
+                clock.restart()
                 continue
-            waited = time.perf_counter() - t_wait
-            if steps == 0:
-                first_wait = waited  # start-up of this day's pipeline, excluded from throughput
-            else:
-                wait_s += waited
-            _maybe_fail(cfg, st, self.rank, self.lc.get("failure_marker"))
+            clock.got_batch()
+            _maybe_fail(self.plan, st, self.rank)
             batch = CascadeBatch.from_dict(tensors)
             for key, value in self.step(batch).items():  # stays on device: no per-step host sync
                 sums[key] = sums.get(key, 0.0) + value
             rows += batch.size
-            steps += 1
             st.global_step += 1
             st.step_in_day = i + 1
             self._pending["rows"] += batch.size
@@ -225,18 +303,19 @@ class _Trainer:
                 bar.update(1)
             every = cfg.train.checkpoint_every_steps
             if every > 0 and st.global_step % every == 0:
-                seg = time.perf_counter() - t_seg - first_wait
-                busy_s += seg
-                self._pending["busy_s"] += seg
-                self.report({"day": day, "mid_day": True}, checkpoint=True)
-                t_seg, first_wait = time.perf_counter(), 0.0
-            t_wait = time.perf_counter()
+                self._pending["busy_s"] += clock.segment()
+                self.report({"day": days[day_index], "mid_day": True}, checkpoint=True)
+                clock.restart()  # the report and checkpoint are not training time
+            clock.waiting()
         if bar is not None:
             bar.close()
-        seg = time.perf_counter() - t_seg - first_wait
-        self._pending["busy_s"] += seg
-        busy_s = max(busy_s + seg, 1e-9)
-        local = {"rows": float(rows), "steps": float(steps), "wait_s": wait_s, "busy_s": busy_s,
+        self._pending["busy_s"] += clock.segment()
+        return self._day_metrics(rows, sums, clock)
+
+    def _day_metrics(self, rows: int, sums: dict[str, torch.Tensor], clock: DayClock) -> dict[str, float]:
+        """Loss terms averaged over every worker's steps; throughput per worker and in total."""
+        busy_s = max(clock.busy_s, 1e-9)
+        local = {"rows": float(rows), "steps": float(clock.steps), "wait_s": clock.wait_s, "busy_s": busy_s,
                  **{k: float(v) for k, v in sums.items()}}
         tot = _all_reduce(local, self.device)
         n_steps = max(tot["steps"], 1.0)
@@ -246,42 +325,53 @@ class _Trainer:
             **{k: tot[k] / n_steps for k in sums if k != "loss"},
             "samples_per_s": sum(per_worker),  # global: sum of the workers' steady-state rates
             **{f"samples_per_s_worker{r}": v for r, v in enumerate(per_worker)},
-            "step_time_s": busy_s / max(steps, 1),
-            "data_wait_share": wait_s / busy_s,
-            "first_batch_s": first_wait,
+            "step_time_s": busy_s / max(clock.steps, 1),
+            "data_wait_share": clock.wait_s / busy_s,
+            "first_batch_s": clock.first_wait,
         }
 
+    def evaluate_on(self, day_index: int | None) -> dict[str, float]:
+        """Metrics of the current model on training day ``day_index``, or on the evaluation day (None)."""
+        import ray.train
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
+        plan = self.plan
+        if day_index is None:
+            name, day, collate = "eval", plan.eval_day, self.eval_collate
+        else:
+            day = plan.train_days[day_index]
+            name, collate = f"train-{day}", self.collate_for(day, evaluation=True)
+        return evaluate(self.model, ray.train.get_dataset_shard(name), collate, self.cfg.data.eval_batch_size,
+                        self.device, day)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
+    """Ray Train's worker function: ``config = {"plan": RunPlan, "tracker": Tracker}``; returns the final
+    evaluation and throughput (rank 0's value reaches the driver as ``Result.return_value``)."""
     import ray.train
 
     if not logging.getLogger().handlers:  # worker processes start without logging configured
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    t = _Trainer(loop_config)
-    cfg, days = t.cfg, t.days
+    plan: RunPlan = config["plan"]
+    t = _Trainer(plan, config["tracker"])
+    days = plan.train_days
     stream_final: dict[str, float] | None = None
     for day_index in range(t.state.day, len(days)):
         metrics = t.train_day(day_index)
         t.state.day, t.state.step_in_day = day_index + 1, 0
-        if cfg.train.streaming_eval:  # the model trained on days <= d, scored on the next day
+        if plan.config.train.streaming_eval:  # the model trained on days <= d, scored on the next day
             is_last = day_index + 1 == len(days)
-            name = "eval" if is_last else f"train-{days[day_index + 1]}"
-            collate = t.eval_collate if is_last else t.collate_for(days[day_index + 1], evaluation=True)
-            stream = evaluate(t.model, ray.train.get_dataset_shard(name), collate,
-                              cfg.data.eval_batch_size, t.device)
+            stream = t.evaluate_on(None if is_last else day_index + 1)
             metrics.update({f"stream_{k}": v for k, v in stream.items()})
             stream_final = stream if is_last else None
         if t.rank == 0:
-            log_metrics(t.uri, t.run_id, metrics, step=day_index)
+            t.tracker.log_dict(metrics, step=day_index)
             log.info("day %d/%d %s: loss %.4f, %.0f samples/s, data wait %.1f%%", day_index + 1, len(days),
                      days[day_index], metrics["train_loss"], metrics["samples_per_s"],
                      100 * metrics["data_wait_share"])
         t.report({**metrics, "day": days[day_index]}, checkpoint=True)
-
-    final = stream_final or evaluate(t.model, ray.train.get_dataset_shard("eval"), t.eval_collate,
-                                     cfg.data.eval_batch_size, t.device)
+    final = stream_final or t.evaluate_on(None)
     final = {**final, "samples_per_s": t.state.train_rows / max(t.state.train_s, 1e-9),
              "train_rows": t.state.train_rows, "global_steps": float(t.state.global_step),
              "world_size": float(t.world)}
     ray.train.report(final)
-    return final  # rank 0's value reaches the driver as Result.return_value
+    return final

@@ -19,11 +19,13 @@ The Tune experiment and the trials' Ray Train runs live under ``train.storage_pa
 ``resume=True`` restores it there (finished trials are not run again, including one whose MLflow run
 finished just before the kill although Tune had not saved it as terminated; unfinished ones continue
 from their last Ray Train checkpoint). The parent MLflow run holds the sweep config as params, the best
-trial (``best_joint_recall`` + ``best.*`` tags) and ``trials.csv``.
+trial (``best_joint_recall`` + ``best.*`` tags) and ``trials.csv``. Metric names follow the stage list
+(:func:`cascadelab.cascade.metrics.metric_names`). ray and mlflow are imported lazily (inside functions).
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import itertools
@@ -39,20 +41,37 @@ from typing import Any
 
 import yaml
 
-from cascadelab.platform.config import CascadeConfig, ConfigError, flatten, load_config
+from cascadelab.cascade.metrics import metric_names, stage_names
+from cascadelab.platform.cluster.storage import uri_scheme
+from cascadelab.platform.config import CascadeConfig, ConfigError, flatten, load_config, parse_override, unflatten
+from cascadelab.platform.runtime import ensure_ray, start_local
+from cascadelab.platform.tracking import Tracker, resolve_tracking_uri, runs_named, search_runs
+from cascadelab.platform.train.plan import (
+    check_cpu_budget,
+    known_cpus,
+    local_dir,
+    plan_run,
+    resolve_storage_path,
+)
 
 log = logging.getLogger(__name__)
 
 TOP_KEYS = ("name", "description", "base", "grid", "asha", "max_concurrent_trials")
 ASHA_KEYS = ("metric", "mode", "max_t", "grace_period", "reduction_factor")
-# Reported once, at the end of a trial: ASHA would never see them before the trial is over.
-FINAL_METRICS = ("joint_recall", "retrieval_recall", "retrieval_ndcg", "prerank_recall", "prerank_ndcg",
-                 "ranking_recall", "ranking_ndcg", "train_rows", "global_steps", "wall_time_s")
-SUMMARY_METRICS = ("joint_recall", "ranking_recall", "ranking_ndcg", "prerank_recall", "prerank_ndcg",
-                   "retrieval_recall", "retrieval_ndcg", "samples_per_s", "wall_time_s")
+# Besides the evaluation metrics, reported once at the end of a trial (ASHA never sees them before).
+FINAL_EXTRA = ("train_rows", "global_steps", "wall_time_s")
+SUMMARY_EXTRA = ("samples_per_s", "wall_time_s")  # in the trials table beside the evaluation metrics
 SWEEP_TAG = "cascadelab.sweep"
 SPEC_ARTIFACT = "sweep_spec.json"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+def summary_metrics(num_stages: int, ndcg: bool = True) -> list[str]:
+    """Evaluation keys in table order: joint recall, then each stage's from the last (the one that ranks)
+    back to retrieval. ``2 -> joint_recall, ranking_recall, ranking_ndcg, retrieval_recall, retrieval_ndcg``."""
+    stages = stage_names(num_stages)
+    keys = metric_names(num_stages, ndcg)
+    return [keys[0], *sorted(keys[1:], key=lambda k: -stages.index(k.rsplit("_", 1)[0]))]
 
 
 @dataclass
@@ -71,7 +90,7 @@ class AshaSpec:
 class SweepSpec:
     name: str
     source: str  # the YAML file (or "<stored>"), for error messages
-    base: dict[str, Any]  # dotted config key -> value, applied to every trial
+    base: dict[str, Any]  # nested config overrides applied to every trial
     grid: dict[str, list[Any]]  # dotted config key -> values (Cartesian product)
     asha: AshaSpec | None = None
     max_concurrent_trials: int | None = None
@@ -80,8 +99,12 @@ class SweepSpec:
     def points(self) -> list[dict[str, Any]]:
         return expand_grid(self.grid)
 
-    def base_overrides(self) -> list[str]:
-        return [override(k, v) for k, v in self.base.items()]
+    def metric_names(self, ndcg: bool = True) -> list[str]:
+        """The evaluation keys of every trial's cascade (trials may differ in their number of stages)."""
+        names: dict[str, None] = {}
+        for n in sorted({len(c.stages) for c in self.configs}):
+            names.update(dict.fromkeys(summary_metrics(n, ndcg)))
+        return list(names)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "base": self.base, "grid": self.grid,
@@ -105,19 +128,44 @@ class SweepResult:
 
 
 def yaml_value(value: Any) -> str:
-    """A value as one line of YAML that ``yaml.safe_load`` reads back unchanged (for ``key=value``)."""
+    """A value as one line of YAML that ``yaml.safe_load`` reads back unchanged (messages, MLflow tags)."""
     text = yaml.safe_dump(value, default_flow_style=True, width=1 << 30).strip()
     return text[: -len("\n...")] if text.endswith("\n...") else text  # scalars end with a document marker
-
-
-def override(key: str, value: Any) -> str:
-    return f"{key}={yaml_value(value)}"
 
 
 def expand_grid(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
     """The Cartesian product, first key slowest: ``{a: [1, 2], b: [x, y]}`` -> (1,x), (1,y), (2,x), (2,y)."""
     keys = list(grid)
     return [dict(zip(keys, values, strict=True)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def layered(*layers: dict[str, Any]) -> dict[str, Any]:
+    """Nested override mappings merged in order: a later value wins, mappings merge key by key."""
+    out: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if isinstance(value, dict) and isinstance(out.get(key), dict):
+                out[key] = layered(out[key], value)
+            else:
+                out[key] = copy.deepcopy(value)
+    return out
+
+
+def nested(mapping: dict[str, Any]) -> dict[str, Any]:
+    """Dotted and nested keys alike as one nested mapping: ``{"train.lr": 1, "data": {"path": "x"}}`` ->
+    ``{"train": {"lr": 1}, "data": {"path": "x"}}`` (lists, such as ``stages``, stay whole)."""
+    return layered(*(unflatten({str(k): nested(v) if isinstance(v, dict) else v}) for k, v in mapping.items()))
+
+
+def set_overrides(items: list[str]) -> dict[str, Any]:
+    """``--set key=value`` items as a nested mapping (``config.parse_override`` reads each one)."""
+    layers = []
+    for item in items:
+        try:
+            layers.append(unflatten(dict([parse_override(item)])))
+        except ConfigError:
+            raise ConfigError(f"--set '{item}': expected key=value, e.g. --set data.path=/data/recflow") from None
+    return layered(*layers)
 
 
 def trial_cpus(cfg: CascadeConfig) -> float:
@@ -131,28 +179,6 @@ def derive_max_concurrent(cluster_cpus: float, cpus_per_trial: float, num_trials
     """
     fit = math.floor((cluster_cpus - 1.0) / cpus_per_trial + 1e-9) if cpus_per_trial > 0 else num_trials
     return max(1, min(num_trials, fit))
-
-
-def _flatten_base(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested and dotted keys alike -> ``{"data.path": ..., "stages": [...]}`` (lists stay whole)."""
-    out: dict[str, Any] = {}
-    for key, value in mapping.items():
-        full = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, dict) and value:
-            out.update(_flatten_base(value, full))
-        else:
-            out[full] = value
-    return out
-
-
-def _parse_set(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set '{item}': expected key=value, e.g. --set data.path=/data/recflow")
-        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
-    return out
 
 
 def _error(src: str, key: str, message: str) -> ConfigError:
@@ -183,16 +209,26 @@ def _parse_asha(raw: Any, src: str) -> AshaSpec | None:
         if raw["mode"] not in ("min", "max"):
             raise _error(src, "asha.mode", f"expected min or max, got {raw['mode']!r}")
         spec.mode = raw["mode"]
-    if spec.metric in FINAL_METRICS:
-        raise _error(src, "asha.metric", f"'{spec.metric}' is only reported when a trial ends, so ASHA could "
-                     "never stop one early; use a per-day metric such as train_loss, or stream_joint_recall "
-                     "with train.streaming_eval: true")
     spec.max_t = _int(raw.get("max_t", spec.max_t), src, "asha.max_t", 1)
     spec.grace_period = _int(raw.get("grace_period", spec.grace_period), src, "asha.grace_period", 1)
     spec.reduction_factor = _int(raw.get("reduction_factor", spec.reduction_factor), src, "asha.reduction_factor", 2)
     if spec.grace_period > spec.max_t:
         raise _error(src, "asha.grace_period", f"{spec.grace_period} exceeds asha.max_t = {spec.max_t}")
     return spec
+
+
+def _check_asha_metric(spec: SweepSpec) -> None:
+    """ASHA's metric must be reported every day by every trial's cascade."""
+    if spec.asha is None:
+        return
+    metric, src = spec.asha.metric, spec.source
+    if metric in {*spec.metric_names(), *FINAL_EXTRA}:
+        raise _error(src, "asha.metric", f"'{metric}' is only reported when a trial ends, so ASHA could "
+                     "never stop one early; use a per-day metric such as train_loss, or stream_joint_recall "
+                     "with train.streaming_eval: true")
+    if metric.startswith("stream_") and not all(c.train.streaming_eval for c in spec.configs):
+        raise _error(src, "asha.metric", f"'{metric}' needs train.streaming_eval: true in base "
+                     "(streaming metrics are only reported with it)")
 
 
 def _check_grid(grid: Any, src: str) -> dict[str, list[Any]]:
@@ -214,6 +250,44 @@ def _check_grid(grid: Any, src: str) -> dict[str, list[Any]]:
     return dict(grid)
 
 
+def _check_top(raw: Any, src: str, name: str | None) -> str:
+    """The top level's keys; returns the sweep's name (``name`` wins over the config's, then the stem)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"sweep config '{src}': expected a mapping with keys {', '.join(TOP_KEYS)}")
+    unknown = [k for k in raw if k not in TOP_KEYS]
+    if unknown:
+        raise _error(src, unknown[0], f"unknown key; valid keys: {', '.join(TOP_KEYS)}")
+    name = name or raw.get("name") or Path(src).stem
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise _error(src, "name", f"{name!r} is not a valid sweep name (letters, digits, '.', '_', '-'; "
+                     "it names a directory and MLflow runs)")
+    if raw.get("max_concurrent_trials") is not None:
+        _int(raw["max_concurrent_trials"], src, "max_concurrent_trials", 1)
+    return name
+
+
+def _grid_configs(spec: SweepSpec) -> list[CascadeConfig]:
+    """Base alone, then each grid value alone (errors name the grid key), then every full grid point."""
+    src = spec.source
+    try:
+        load_config(None, spec.base)
+    except ConfigError as exc:
+        raise _error(src, "base", str(exc)) from None
+    for key, values in spec.grid.items():
+        for value in values:
+            try:
+                load_config(None, layered(spec.base, unflatten({key: value})))
+            except ConfigError as exc:
+                raise _error(src, f"grid.{key}", f"value {yaml_value(value)}: {exc}") from None
+    configs = []
+    for point in spec.points():
+        try:
+            configs.append(load_config(None, layered(spec.base, unflatten(point))))
+        except ConfigError as exc:
+            raise ConfigError(f"sweep config '{src}' grid point {_point_str(point)}: {exc}") from None
+    return configs
+
+
 def parse_sweep(raw: Any, source: str = "<dict>", overrides: list[str] | None = None,
                 name: str | None = None) -> SweepSpec:
     """Validate a sweep config mapping and build every grid point's CascadeConfig (raises ConfigError).
@@ -221,46 +295,15 @@ def parse_sweep(raw: Any, source: str = "<dict>", overrides: list[str] | None = 
     ``overrides`` (``key=value``, e.g. from ``--set``) are applied on top of ``base``; ``name`` wins over
     the config's own ``name``.
     """
-    src = source
-    if not isinstance(raw, dict):
-        raise ConfigError(f"sweep config '{src}': expected a mapping with keys {', '.join(TOP_KEYS)}")
-    unknown = [k for k in raw if k not in TOP_KEYS]
-    if unknown:
-        raise _error(src, unknown[0], f"unknown key; valid keys: {', '.join(TOP_KEYS)}")
-    name = name or raw.get("name") or Path(source).stem
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise _error(src, "name", f"{name!r} is not a valid sweep name (letters, digits, '.', '_', '-'; "
-                     "it names a directory and MLflow runs)")
+    name = _check_top(raw, source, name)
     base_raw = raw.get("base") or {}
     if not isinstance(base_raw, dict):
-        raise _error(src, "base", "expected a mapping of config overrides, e.g. base: {data: {path: data/demo}}")
-    base = {**_flatten_base(base_raw), **_parse_set(overrides or [])}
-    grid = _check_grid(raw.get("grid"), src)
-    mct = raw.get("max_concurrent_trials")
-    if mct is not None:
-        _int(mct, src, "max_concurrent_trials", 1)
-    spec = SweepSpec(name=name, source=src, base=base, grid=grid, asha=_parse_asha(raw.get("asha"), src),
-                     max_concurrent_trials=mct)
-    # [1] base alone, then each grid value alone (errors name the grid key), then every full grid point
-    base_ov = spec.base_overrides()
-    try:
-        load_config(None, base_ov)
-    except ConfigError as exc:
-        raise _error(src, "base", str(exc)) from None
-    for key, values in grid.items():
-        for value in values:
-            try:
-                load_config(None, [*base_ov, override(key, value)])
-            except ConfigError as exc:
-                raise _error(src, f"grid.{key}", f"value {yaml_value(value)}: {exc}") from None
-    for point in spec.points():
-        try:
-            spec.configs.append(load_config(None, [*base_ov, *(override(k, v) for k, v in point.items())]))
-        except ConfigError as exc:
-            raise ConfigError(f"sweep config '{src}' grid point {_point_str(point)}: {exc}") from None
-    if spec.asha and spec.asha.metric.startswith("stream_") and not all(c.train.streaming_eval for c in spec.configs):
-        raise _error(src, "asha.metric", f"'{spec.asha.metric}' needs train.streaming_eval: true in base "
-                     "(streaming metrics are only reported with it)")
+        raise _error(source, "base", "expected a mapping of config overrides, e.g. base: {data: {path: data/demo}}")
+    spec = SweepSpec(name=name, source=source, base=layered(nested(base_raw), set_overrides(overrides or [])),
+                     grid=_check_grid(raw.get("grid"), source), asha=_parse_asha(raw.get("asha"), source),
+                     max_concurrent_trials=raw.get("max_concurrent_trials"))
+    spec.configs = _grid_configs(spec)
+    _check_asha_metric(spec)
     return spec
 
 
@@ -280,21 +323,43 @@ def _point_str(point: dict[str, Any]) -> str:
     return ", ".join(f"{k}={yaml_value(v)}" for k, v in point.items())
 
 
+def preflight(spec: SweepSpec) -> None:
+    """Plan every distinct trial before Ray starts: a missing day, a stage that keeps more candidates than
+    the data has, or workers that leave Ray Data no CPU fail here, once, in one line."""
+    cpus = known_cpus()
+    if cpus is not None:
+        check_cpu_budget(max(spec.configs, key=trial_cpus), cpus)
+    seen = set()
+    for point, cfg in zip(spec.points(), spec.configs, strict=True):
+        key = json.dumps([asdict(cfg.data), [asdict(s) for s in cfg.stages]], sort_keys=True, default=str)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            plan_run(cfg)
+        except ConfigError as exc:
+            raise ConfigError(f"sweep config '{spec.source}' grid point {_point_str(point)}: {exc}") from None
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the trial: a Tune function that launches one Ray Train run
 
 
 def _absolute(path: str, cwd: str) -> str:
-    return path if "://" in path or os.path.isabs(path) else os.path.normpath(os.path.join(cwd, path))
+    return path if uri_scheme(path) or os.path.isabs(path) else os.path.normpath(os.path.join(cwd, path))
 
 
 def trial_config(plan: dict[str, Any], point: dict[str, Any]) -> CascadeConfig:
     """The config of one trial: the sweep's resolved base, the grid point, paths made absolute.
 
     Tune runs trials with the working directory set to the trial's folder, so relative paths are
-    resolved against the directory the sweep was started from.
+    resolved against the directory the sweep was started from. ``plan["base"]`` is a nested mapping
+    (a list of ``key=value`` strings in sweeps stored before it was one).
     """
-    cfg = load_config(None, [*plan["base"], *(override(k, point[k]) for k in plan["keys"])])
+    base = plan["base"]
+    if isinstance(base, list):
+        base = layered(*(unflatten(dict([parse_override(item)])) for item in base))
+    cfg = load_config(None, layered(base, unflatten({k: point[k] for k in plan["keys"]})))
     cfg.data.path = _absolute(cfg.data.path, plan["cwd"])
     return cfg
 
@@ -302,17 +367,12 @@ def trial_config(plan: dict[str, Any], point: dict[str, Any]) -> CascadeConfig:
 def _drop_orphan_run(cfg: CascadeConfig, run_name: str) -> None:
     """A trial restarted before its Ray Train run wrote anything: delete the MLflow run it had opened,
     so that ``run_training`` opens a fresh one instead of leaving two runs for one trial."""
-    from mlflow import MlflowClient
-
-    storage = cfg.train.storage_path
-    if "://" in storage or (Path(storage) / run_name).is_dir():
+    local = local_dir(resolve_storage_path(cfg.train.storage_path))
+    if local is None or (local / run_name).is_dir():
         return  # run_training resumes the run of that name (with its MLflow run)
-    from cascadelab.platform.tracking import runs_named
-
-    client = MlflowClient(cfg.tracking.uri)
     for run in runs_named(cfg.tracking.uri, cfg.tracking.experiment, run_name):
         log.warning("trial %s: deleting MLflow run %s left by an interrupted start", run_name, run.info.run_id)
-        client.delete_run(run.info.run_id)
+        Tracker(cfg.tracking.uri, run.info.run_id).delete()
 
 
 def _finished_run_metrics(cfg: CascadeConfig, run_name: str) -> dict[str, float] | None:
@@ -320,8 +380,6 @@ def _finished_run_metrics(cfg: CascadeConfig, run_name: str) -> dict[str, float]
 
     A sweep killed after a trial's run finished but before Tune saved that trial as terminated restores
     the trial as unfinished; it must not train (and end its MLflow run) a second time."""
-    from cascadelab.platform.tracking import runs_named
-
     runs = runs_named(cfg.tracking.uri, cfg.tracking.experiment, run_name)
     if len(runs) == 1 and runs[0].info.status == "FINISHED" and "joint_recall" in runs[0].data.metrics:
         return dict(runs[0].data.metrics)
@@ -333,7 +391,7 @@ def run_trial(config: dict[str, Any], plan: dict[str, Any]) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from cascadelab.platform.train.run import run_training
+    from cascadelab.platform.train.run import run_training  # lazily, as Ray: the worker loop imports Ray Data
 
     trial_id = tune.get_context().get_trial_id()
     run_name = f"{plan['name']}-{trial_id}"  # no timestamp: a restarted trial finds its run again
@@ -354,45 +412,86 @@ def run_trial(config: dict[str, Any], plan: dict[str, Any]) -> None:
 
 
 def sweep_path(spec: SweepSpec) -> str:
-    from cascadelab.platform.train.run import resolve_storage_path
-
     root = resolve_storage_path(spec.configs[0].train.storage_path).rstrip("/")
     return f"{root}/sweeps/{spec.name}"
 
 
 def find_parent(uri: str, experiment: str, name: str):
     """The MLflow parent run of sweep ``name`` in ``experiment`` (newest if several), or None."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return None
-    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{name}'",
-                              order_by=["attributes.start_time DESC"])
+    runs = search_runs(uri, experiment, f"tags.`{SWEEP_TAG}` = '{name}'", order_by=["attributes.start_time DESC"])
     return runs[0] if runs else None
 
 
-def preflight(spec: SweepSpec) -> None:
-    """Check every distinct dataset and day plan before Ray starts (a missing day fails here, once)."""
-    from cascadelab.platform.data.ingest import day_files
-    from cascadelab.platform.data.schema import DatasetMeta, day_dir_files
-    from cascadelab.platform.train.run import cascade_groups, plan_days
+def run_sweep(spec: SweepSpec, resume: bool = False) -> SweepResult:
+    """Run (or with ``resume`` continue) a validated sweep on Ray; returns the per-trial table and the best.
 
-    seen = set()
-    for cfg in spec.configs:
-        key = (cfg.data.path, tuple(cfg.data.train_days or ()), cfg.data.eval_day, len(cfg.stages))
-        if key in seen:
-            continue
-        seen.add(key)
-        meta = DatasetMeta.read(cfg.data.path)
-        train_days, eval_day = plan_days(meta, cfg)
-        groups = cascade_groups(meta, len(cfg.stages))
-        for day in [*train_days, eval_day]:
-            if cfg.data.skip_bad_files:  # each trial validates the files and skips bad ones
-                day_dir_files(cfg.data.path, day)
-            else:
-                day_files(cfg.data.path, day, meta.mode, groups)
+    Raises ConfigError, before Ray starts, when ``resume`` finds no sweep of that name or when a new
+    sweep's name is already taken (in MLflow or under the storage path).
+    """
+    uri = resolve_tracking_uri(spec.configs[0].tracking.uri)
+    experiment = spec.configs[0].tracking.experiment
+    # [1] a new sweep or the continuation of one
+    if resume:
+        spec, plan, parent, path = _resumed(spec, uri, experiment)
+    else:
+        path = _check_new(spec, uri, experiment)
+    # [2] Ray, the CPU budget, how many trials run at once
+    mct = _start_ray(spec, path)
+    # [3] the MLflow parent run (the trials' runs are its children)
+    if resume:
+        parent.reopen()
+    else:
+        plan, parent = _open_parent(spec, uri, experiment, path)
+    parent.set_tags({"cascadelab.max_concurrent_trials": str(mct)})
+    log.info("sweep %s: MLflow parent run %s in %s", spec.name, parent.run_id, uri)
+    # [4] Tune: trial drivers that take no CPU (their Train workers do), the grid, optional ASHA
+    try:
+        grid = _tuner(spec, plan, path, mct, resume).fit()
+    except BaseException as exc:
+        parent.close("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    # [5] the trials table and the best trial, on the parent
+    return _summarise(grid, spec, parent, path)
+
+
+def _check_new(spec: SweepSpec, uri: str, experiment: str) -> str:
+    """The new sweep's directory, after checking that its name is not taken."""
+    from ray import tune
+
+    path = sweep_path(spec)
+    if find_parent(uri, experiment, spec.name) is not None or tune.Tuner.can_restore(path):
+        raise ConfigError(f"sweep '{spec.name}' already exists ({path}); continue it with --resume or start "
+                          "a new one with --name")
+    return path
+
+
+def _resumed(spec: SweepSpec, uri: str, experiment: str) -> tuple[SweepSpec, dict[str, Any], Tracker, str]:
+    """The stored sweep of ``spec.name``: its spec, its trials' plan, its parent run and its directory."""
+    parent = find_parent(uri, experiment, spec.name)
+    if parent is None:
+        raise ConfigError(f"--resume: no sweep named '{spec.name}' in MLflow experiment '{experiment}' at {uri}")
+    tracker = Tracker(uri, parent.info.run_id)
+    stored = _stored_plan(tracker)
+    resumed = parse_sweep(stored["spec"], "<stored>", name=spec.name)
+    if json.loads(json.dumps(resumed.to_dict())) != json.loads(json.dumps(spec.to_dict())):
+        log.warning("sweep %s: the config differs from the one the sweep started with; continuing with "
+                    "the stored one", spec.name)
+    return resumed, stored["plan"], tracker, parent.data.tags.get("cascadelab.sweep_path", sweep_path(spec))
+
+
+def _tuner(spec: SweepSpec, plan: dict[str, Any], path: str, mct: int, resume: bool):
+    """The Tuner of the grid (restored from ``path`` when resuming a sweep Tune saved)."""
+    from ray import tune
+
+    if spec.asha:
+        os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # the final report has no train_loss
+    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"cpu": 0, "memory": 1})
+    if resume and tune.Tuner.can_restore(path):
+        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    return tune.Tuner(trainable, param_space={k: tune.grid_search(v) for k, v in spec.grid.items()},
+                      tune_config=_tune_config(spec, mct),
+                      run_config=tune.RunConfig(name=spec.name, storage_path=path.rsplit("/", 1)[0],
+                                                verbose=0, callbacks=[_progress_callback(spec.name)]))
 
 
 def _progress_callback(name: str):
@@ -428,8 +527,10 @@ def _status(result) -> str:
     return "UNFINISHED" if metrics else "NOT_STARTED"
 
 
-def _trial_rows(grid, keys: list[str], runs: dict[str, tuple[str, str]], name: str) -> list[dict[str, Any]]:
-    """One row per trial: id, status, grid values, final metrics, MLflow run (``runs``: name -> id, status)."""
+def _trial_rows(grid, keys: list[str], runs: dict[str, tuple[str, str]], name: str,
+                metrics_shown: list[str]) -> list[dict[str, Any]]:
+    """One row per trial: id, status, grid values, the final ``metrics_shown``, MLflow run (``runs``:
+    name -> id, status)."""
     rows = []
     for result in grid:
         metrics = result.metrics or {}
@@ -437,7 +538,7 @@ def _trial_rows(grid, keys: list[str], runs: dict[str, tuple[str, str]], name: s
         run_id, run_status = runs.get(f"{name}-{trial_id}", ("", ""))
         rows.append({"trial_id": trial_id, "status": _status(result),
                      **{k: (result.config or {}).get(k) for k in keys},
-                     **{m: metrics[m] for m in SUMMARY_METRICS if m in metrics},
+                     **{m: metrics[m] for m in metrics_shown if m in metrics},
                      "run_name": f"{name}-{trial_id}", "run_id": run_id, "mlflow_status": run_status})
     return rows
 
@@ -453,77 +554,8 @@ def _csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def _children(uri: str, parent_run_id: str) -> list:
-    from mlflow import MlflowClient
-
-    client = MlflowClient(uri)
-    exp_id = client.get_run(parent_run_id).info.experiment_id
-    return client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
-                              max_results=50000)
-
-
-def run_sweep(spec: SweepSpec, resume: bool = False) -> SweepResult:
-    """Run (or with ``resume`` continue) a validated sweep on Ray; returns the per-trial table and the best.
-
-    Raises ConfigError, before Ray starts, when ``resume`` finds no sweep of that name or when a new
-    sweep's name is already taken (in MLflow or under the storage path).
-    """
-    from ray import tune
-
-    from cascadelab.platform.tracking import end_run, reopen_run, resolve_tracking_uri
-
-    uri = resolve_tracking_uri(spec.configs[0].tracking.uri)
-    experiment = spec.configs[0].tracking.experiment
-    path = sweep_path(spec)
-    parent = find_parent(uri, experiment, spec.name)
-    # [1] a new sweep or the continuation of one
-    if resume:
-        if parent is None:
-            raise ConfigError(f"--resume: no sweep named '{spec.name}' in MLflow experiment '{experiment}' at {uri}")
-        stored = _stored_plan(uri, parent.info.run_id)
-        if stored["spec"] != json.loads(json.dumps(spec.to_dict())):
-            log.warning("sweep %s: the config differs from the one the sweep started with; continuing with "
-                        "the stored one", spec.name)
-        spec = parse_sweep(stored["spec"], "<stored>", name=spec.name)
-        plan, parent_id = stored["plan"], parent.info.run_id
-        path = parent.data.tags.get("cascadelab.sweep_path", path)
-    elif parent is not None or tune.Tuner.can_restore(path):
-        raise ConfigError(f"sweep '{spec.name}' already exists ({path}); continue it with --resume or start "
-                          "a new one with --name")
-    # [2] Ray, the CPU budget, how many trials run at once
-    mct = _start_ray(spec, path)
-    # [3] the MLflow parent run (the trials' runs are its children)
-    if resume:
-        reopen_run(uri, parent_id)
-    else:
-        plan, parent_id = _open_parent(spec, uri, experiment, path)
-    _set_tag(uri, parent_id, "cascadelab.max_concurrent_trials", str(mct))
-    log.info("sweep %s: MLflow parent run %s in %s", spec.name, parent_id, uri)
-    # [4] Tune: trial drivers that take no CPU (their Train workers do), the grid, optional ASHA
-    if spec.asha:
-        os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # the final report has no train_loss
-    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"cpu": 0, "memory": 1})
-    try:
-        if resume and tune.Tuner.can_restore(path):
-            tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
-        else:
-            tuner = tune.Tuner(trainable, param_space={k: tune.grid_search(v) for k, v in spec.grid.items()},
-                               tune_config=_tune_config(spec, mct),
-                               run_config=tune.RunConfig(name=spec.name, storage_path=path.rsplit("/", 1)[0],
-                                                         verbose=0, callbacks=[_progress_callback(spec.name)]))
-        grid = tuner.fit()
-    except BaseException as exc:
-        end_run(uri, parent_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
-        raise
-    # [5] the trials table and the best trial, on the parent
-    return _summarise(grid, spec, uri, parent_id, path)
-
-
 def _start_ray(spec: SweepSpec, path: str) -> int:
     """Start or join Ray, check the CPU budget, return max_concurrent_trials (given or derived)."""
-    from cascadelab.platform.runtime import ensure_ray
-    from cascadelab.platform.train.run import check_cpu_budget
-
     start_local_ray()
     ensure_ray()
     import ray
@@ -537,48 +569,41 @@ def _start_ray(spec: SweepSpec, path: str) -> int:
     return mct
 
 
-def _open_parent(spec: SweepSpec, uri: str, experiment: str, path: str) -> tuple[dict[str, Any], str]:
+def _open_parent(spec: SweepSpec, uri: str, experiment: str, path: str) -> tuple[dict[str, Any], Tracker]:
     """Create the parent run (params: the sweep config) and store the trials' plan on it for --resume."""
-    from cascadelab.platform.tracking import log_text, start_run
-
     plan = {"name": spec.name, "cwd": os.getcwd(), "keys": list(spec.grid),
-            "base": [*spec.base_overrides(), override("tracking.uri", uri),
-                     override("train.storage_path", f"{path}/train")]}
+            "base": layered(spec.base, {"tracking": {"uri": uri}, "train": {"storage_path": f"{path}/train"}})}
     params = flatten({"base": spec.base, "grid": spec.grid, "asha": asdict(spec.asha) if spec.asha else None,
                       "max_concurrent_trials": spec.max_concurrent_trials})
-    parent_id = start_run(uri, experiment, f"sweep-{spec.name}", {**params, "trials": len(spec.configs)},
-                          tags={SWEEP_TAG: spec.name, "cascadelab.sweep_path": path})
-    plan["parent_run_id"] = parent_id
-    log_text(uri, parent_id, json.dumps({"spec": spec.to_dict(), "plan": plan}, indent=2), SPEC_ARTIFACT)
-    return plan, parent_id
+    parent = Tracker.start(uri, experiment, f"sweep-{spec.name}", {**params, "trials": len(spec.configs)},
+                           tags={SWEEP_TAG: spec.name, "cascadelab.sweep_path": path})
+    plan["parent_run_id"] = parent.run_id
+    parent.log_text(json.dumps({"spec": spec.to_dict(), "plan": plan}, indent=2), SPEC_ARTIFACT)
+    return plan, parent
 
 
-def _summarise(grid, spec: SweepSpec, uri: str, parent_id: str, path: str) -> SweepResult:
-    from mlflow import MlflowClient
-
-    from cascadelab.platform.tracking import end_run, log_metrics, log_text
-
-    client = MlflowClient(uri)
-    runs = {r.info.run_name: (r.info.run_id, r.info.status) for r in _children(uri, parent_id)}
-    rows = _trial_rows(grid, list(spec.grid), runs, spec.name)
+def _summarise(grid, spec: SweepSpec, parent: Tracker, path: str) -> SweepResult:
+    shown = [*spec.metric_names(), *SUMMARY_EXTRA]
+    runs = {r.info.run_name: (r.info.run_id, r.info.status) for r in parent.children()}
+    rows = _trial_rows(grid, list(spec.grid), runs, spec.name, shown)
     for row in rows:  # stopped by ASHA: Tune ended the trial before (or while) its run could end
         if row["status"] == "STOPPED" and row["run_id"] and row["mlflow_status"] != "KILLED":
-            client.set_terminated(row["run_id"], "KILLED")
-            client.set_tag(row["run_id"], "cascadelab.stopped_early", "true")
+            child = Tracker(parent.uri, row["run_id"])
+            child.close("KILLED")
+            child.set_tags({"cascadelab.stopped_early": "true"})
             row["mlflow_status"] = "KILLED"
     finished = [r for r in rows if r["status"] == "FINISHED"]
     best = max(finished, key=lambda r: r["joint_recall"]) if finished else None
     errors = sum(r["status"] == "ERROR" for r in rows)
-    log_text(uri, parent_id, _csv(rows), "trials.csv")
-    log_metrics(uri, parent_id, {"trials_finished": len(finished), "trials_errored": errors})
+    parent.log_text(_csv(rows), "trials.csv")
+    parent.log_dict({"trials_finished": len(finished), "trials_errored": errors})
     if best is not None:
-        log_metrics(uri, parent_id, {f"best_{m}": best[m] for m in SUMMARY_METRICS if m in best})
-        for key, value in {"best.trial_id": best["trial_id"], "best.run_id": best["run_id"],
-                           **{f"best.{k}": yaml_value(best[k]) for k in spec.grid}}.items():
-            client.set_tag(parent_id, key, value)
+        parent.log_dict({f"best_{m}": best[m] for m in shown if m in best})
+        parent.set_tags({"best.trial_id": best["trial_id"], "best.run_id": best["run_id"],
+                         **{f"best.{k}": yaml_value(best[k]) for k in spec.grid}})
     incomplete = any(r["status"] in ("UNFINISHED", "NOT_STARTED") for r in rows)
-    end_run(uri, parent_id, "FAILED" if errors else "KILLED" if incomplete else "FINISHED")
-    return SweepResult(spec.name, path, parent_id, uri, rows, best, errors)
+    parent.close("FAILED" if errors else "KILLED" if incomplete else "FINISHED")
+    return SweepResult(spec.name, path, parent.run_id, parent.uri, rows, best, errors)
 
 
 def start_local_ray() -> None:
@@ -586,8 +611,6 @@ def start_local_ray() -> None:
     (Ray Train's placement-group cleaner needs it to find this cluster's State API); no-op when Ray is
     up or ``RAY_ADDRESS`` names a cluster."""
     import ray
-
-    from cascadelab.platform.runtime import start_local
 
     if ray.is_initialized() or os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_API_SERVER_ADDRESS"):
         return
@@ -607,19 +630,11 @@ def _tune_config(spec: SweepSpec, mct: int):
     return tune.TuneConfig(num_samples=1, max_concurrent_trials=mct, scheduler=scheduler, reuse_actors=False)
 
 
-def _set_tag(uri: str, run_id: str, key: str, value: str) -> None:
-    from mlflow import MlflowClient
-
-    MlflowClient(uri).set_tag(run_id, key, value)
-
-
-def _stored_plan(uri: str, parent_run_id: str) -> dict[str, Any]:
-    from mlflow import MlflowClient
-
+def _stored_plan(parent: Tracker) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            local = MlflowClient(uri).download_artifacts(parent_run_id, SPEC_ARTIFACT, tmp)
+            local = parent.download(SPEC_ARTIFACT, tmp)
         except Exception as exc:  # noqa: BLE001 - any store error means the same thing here
-            raise ConfigError(f"--resume: the sweep's parent run {parent_run_id} has no {SPEC_ARTIFACT} "
+            raise ConfigError(f"--resume: the sweep's parent run {parent.run_id} has no {SPEC_ARTIFACT} "
                               f"({type(exc).__name__})") from None
-        return json.loads(Path(local).read_text())
+        return json.loads(local.read_text())

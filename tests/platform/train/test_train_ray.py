@@ -204,3 +204,37 @@ def test_skip_bad_files_trains_on_the_rest_and_logs_the_count(env, two_file_data
     reasons = json.loads(open(local).read())
     assert set(reasons) == {str(bad), str(truncated)}
     assert "field 'author_id'" in reasons[str(bad)] and "not a readable Parquet file" in reasons[str(truncated)]
+
+
+def test_the_eval_day_is_capped_by_max_eval_rows_never_by_the_training_cap(env, ray_local):
+    from cascadelab.platform.train.plan import plan_run
+    from cascadelab.platform.train.run import build_datasets
+
+    def counts(*extra):
+        datasets = build_datasets(plan_run(_cfg(env["data"], env["uri"], env["storage"], *extra)))
+        return {name: ds.count() for name, ds in datasets.items()}
+
+    assert counts("data.max_rows_per_day=32") == {"train-2024-01-13": 32, "train-2024-01-14": 32, "eval": 192}
+    assert counts("data.max_rows_per_day=32", "data.max_eval_rows=50")["eval"] == 50
+
+
+@pytest.fixture(scope="module")
+def three_stage_dataset(tmp_path_factory):
+    from cascadelab.platform.data.synthetic import SyntheticConfig, generate
+
+    root = tmp_path_factory.mktemp("three") / "ds"
+    generate(SyntheticConfig(days=2, requests_per_day=128, seed=3, mode="three_stage"), root)
+    return root
+
+
+def test_a_four_stage_cascade_logs_every_stage(env, three_stage_dataset, ray_local):
+    from cascadelab.cascade.metrics import metric_names
+    from cascadelab.platform.train.run import run_training
+
+    stages = "stages=[{model: dssm, k: 40}, {model: mlp, k: 30}, {model: din, k: 25}, {model: din, k: 20}]"
+    result = run_training(_cfg(three_stage_dataset, env["uri"], env["storage"], stages))
+    names = metric_names(4)
+    assert {"prerank1_recall", "prerank2_ndcg"} <= set(names) and set(names) <= set(result.metrics)
+    logged = mlflow.MlflowClient(env["uri"]).get_run(result.run_id).data.metrics
+    assert all(0.0 <= logged[name] <= 1.0 for name in names)
+    assert logged["prerank1_recall"] == pytest.approx(result.metrics["prerank1_recall"])

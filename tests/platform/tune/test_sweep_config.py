@@ -192,3 +192,68 @@ def test_a_trial_whose_mlflow_run_finished_is_not_trained_again(sqlite_uri):
     client.log_metric(partial.info.run_id, "train_loss", 1.0)
     client.set_terminated(partial.info.run_id, "FINISHED")
     assert _finished_run_metrics(cfg, "s-t2") is None  # no final evaluation
+
+
+def test_table_metrics_follow_the_stage_list():
+    from cascadelab.platform.tune.sweep import summary_metrics
+
+    assert summary_metrics(2) == ["joint_recall", "ranking_recall", "ranking_ndcg", "retrieval_recall",
+                                  "retrieval_ndcg"]
+    assert summary_metrics(4, ndcg=False) == ["joint_recall", "ranking_recall", "prerank2_recall", "prerank1_recall",
+                                              "retrieval_recall"]
+
+
+FOUR = [{"model": "dssm", "k": 40}, {"model": "mlp", "k": 30}, {"model": "din", "k": 25}, {"model": "din", "k": 20}]
+
+
+def test_a_four_stage_sweep_reports_and_guards_every_stage():
+    from types import SimpleNamespace
+
+    from cascadelab.platform.tune.sweep import _trial_rows
+
+    spec = parse_sweep({"base": {"stages": FOUR}, "grid": {"train.seed": [0, 1]}}, "s.yaml")
+    assert [len(c.stages) for c in spec.configs] == [4, 4]
+    assert spec.metric_names(ndcg=False) == ["joint_recall", "ranking_recall", "prerank2_recall", "prerank1_recall",
+                                             "retrieval_recall"]
+    stages = ("retrieval", "prerank1", "prerank2", "ranking")
+    final = {"trial_id": "t1", "joint_recall": 0.5, **{f"{s}_{m}": 0.1 for s in stages for m in ("recall", "ndcg")}}
+    (row,) = _trial_rows([SimpleNamespace(metrics=final, config={"train.seed": 0}, error=None)], ["train.seed"],
+                         {}, "s", spec.metric_names())
+    assert {"prerank1_recall", "prerank1_ndcg", "prerank2_recall", "prerank2_ndcg"} <= set(row)
+    with pytest.raises(ConfigError, match="'prerank2_recall' is only reported when a trial ends"):
+        parse_sweep({"base": {"stages": FOUR}, "grid": {"train.seed": [0, 1]}, "asha": {"metric": "prerank2_recall"}},
+                    "s.yaml")
+
+
+def test_a_sweep_with_two_and_four_stage_trials_shows_the_union():
+    spec = parse_sweep({"grid": {"stages": [FOUR, [{"model": "dssm", "k": 30}, {"model": "din", "k": 20}]]}}, "s.yaml")
+    assert spec.metric_names(ndcg=False) == ["joint_recall", "ranking_recall", "retrieval_recall", "prerank2_recall",
+                                             "prerank1_recall"]
+
+
+def test_base_mixes_nested_and_dotted_keys_and_set_wins():
+    spec = parse_sweep({"base": {"data.max_rows_per_day": 64, "data": {"path": "x"}, "train": {"lr": 0.5}},
+                        "grid": GRID}, "s.yaml", overrides=["train.lr=0.02", "data.path=y"])
+    assert spec.base == {"data": {"max_rows_per_day": 64, "path": "y"}, "train": {"lr": 0.02}}
+    assert all((c.data.path, c.data.max_rows_per_day, c.train.lr) == ("y", 64, 0.02) for c in spec.configs)
+
+
+def test_trial_config_reads_the_stored_plan_of_either_form(tmp_path):
+    point = {"objective.name": "bce"}
+    nested_plan = {"base": {"data": {"path": "data/demo"}, "tracking": {"uri": "sqlite:////x/m.db"}},
+                   "keys": ["objective.name"], "cwd": str(tmp_path)}
+    listed_plan = {**nested_plan, "base": ["data.path=data/demo", "tracking.uri=sqlite:////x/m.db"]}
+    assert trial_config(nested_plan, point) == trial_config(listed_plan, point)
+    assert trial_config(nested_plan, point).objective.name == "bce"
+
+
+def test_preflight_names_the_grid_point_whose_stage_is_too_large(tiny_dataset):
+    from cascadelab.platform.tune.sweep import preflight
+
+    spec = parse_sweep({"base": {"data": {"path": str(tiny_dataset)}},
+                        "grid": {"stages": [[{"model": "dssm", "k": 30}, {"model": "din", "k": 20}],
+                                            [{"model": "dssm", "k": 50}, {"model": "din", "k": 20}]]}}, "s.yaml")
+    with pytest.raises(ConfigError) as exc:
+        preflight(spec)
+    assert str(exc.value).startswith("sweep config 's.yaml' grid point stages=")
+    assert "config key 'stages[0].k': 50 is more than the 40 candidates per request" in str(exc.value)
