@@ -1,8 +1,11 @@
+import logging
+
 import pytest
 import torch
 from torch import nn
 
 from cascadelab.cascade.batch import CascadeBatch
+from cascadelab.cascade.cascade import Cascade
 from cascadelab.cascade.models import MODELS, build_model
 from cascadelab.cascade.models.attention import (
     BLOCK_ELEMENTS,
@@ -11,6 +14,7 @@ from cascadelab.cascade.models.attention import (
     _row_spans,
     target_attention_logits,
 )
+from cascadelab.cascade.models.compiled import compile_stages
 from cascadelab.cascade.models.embedding import (
     N_ITEM,
     N_SEQ,
@@ -227,3 +231,47 @@ def test_mlp_matches_plain_reference(dtype):
     plain_params = dict(plain.named_parameters())
     for name, p in fast.named_parameters():
         torch.testing.assert_close(p.grad, plain_params[name].grad, **TOL[dtype], msg=name)
+
+
+def _cascade_pair():
+    torch.manual_seed(0)
+    eager = Cascade(["dssm", "din"], [30, 20], VOCAB, "dftopk", {}, emb_dim=4, hidden=16)
+    other = Cascade(["dssm", "din"], [30, 20], VOCAB, "dftopk", {}, emb_dim=4, hidden=16)
+    other.load_state_dict(eager.state_dict())
+    return eager, other
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    _, out = model(batch)
+    out.loss.backward()
+    return out.loss.detach(), {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+
+
+def test_compiled_stages_compute_the_eager_function_under_the_same_keys():
+    eager, compiled = _cascade_pair()
+    compile_stages(compiled, backend="eager")  # dynamo tracing, no C++ code generation
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    batch = random_batch(b=3, groups=4, seed=4)
+    loss_e, grads_e = _loss_and_grads(eager, batch)
+    loss_c, grads_c = _loss_and_grads(compiled, batch)
+    torch.testing.assert_close(loss_c, loss_e)
+    assert grads_c.keys() == grads_e.keys()
+    for name, grad in grads_e.items():
+        torch.testing.assert_close(grads_c[name], grad, msg=name)
+
+
+def test_failed_compilation_falls_back_to_eager_with_one_warning(caplog):
+    def broken_backend(graph_module, example_inputs):
+        raise RuntimeError("no C++ compiler\nsecond line")
+
+    eager, compiled = _cascade_pair()
+    compile_stages(compiled, backend=broken_backend)
+    batch = random_batch(b=3, groups=4, seed=4)
+    with caplog.at_level(logging.WARNING, logger="cascadelab.cascade.models.compiled"):
+        for _ in range(2):
+            loss_c, _ = _loss_and_grads(compiled, batch)
+    warnings = [r for r in caplog.records if r.name == "cascadelab.cascade.models.compiled"]
+    assert len(warnings) == 1 and "no C++ compiler" in warnings[0].getMessage()
+    assert "\n" not in warnings[0].getMessage()
+    torch.testing.assert_close(loss_c, _loss_and_grads(eager, batch)[0])

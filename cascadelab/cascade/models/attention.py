@@ -16,7 +16,8 @@ computed), sized to stay in cache. The backward recomputes the block instead of 
     ds = w * A        dt = w * C        dw = sum_{b,l} s * A + sum_{b,n} t * C
 
 the last because ``relu(x) = x [x > 0]``; so a block costs one add, one mask and two reductions.
-Off the CPU the same function is evaluated as plain broadcasts (the device has the memory for them).
+Off the CPU the same function is evaluated as plain broadcasts (the device has the memory for them, and
+``torch.compile`` fuses them); on the CPU the blocked form stays outside compiled graphs.
 """
 
 from __future__ import annotations
@@ -103,4 +104,9 @@ def target_attention_logits(s: Tensor, t: Tensor, w: Tensor, mask: Tensor,
                          f"and {tuple(t.shape)}")
     if s.device.type != "cpu":
         return _broadcast_logits(s, t, w, mask)
+    return _blocked_logits(s, t, w, mask, budget)
+
+
+@torch.compiler.disable  # data-dependent blocks (host ints): kept out of compiled graphs
+def _blocked_logits(s: Tensor, t: Tensor, w: Tensor, mask: Tensor, budget: int) -> Tensor:
     return _BlockedTargetAttention.apply(s, t, w, mask, budget)
