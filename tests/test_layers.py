@@ -21,22 +21,10 @@ LAZY_ROOTS = ("ray", "mlflow", "matplotlib")
 # Function-local imports of other modules still to be moved to the top of their files (module path
 # relative to the package -> imported modules). Temporary: each entry goes with its fix.
 LOCAL_IMPORTS_TO_MOVE: dict[str, set[str]] = {
-    "jobs/sweep.py": {"cascadelab.platform.tune.sweep"},
-    "jobs/train.py": {"cascadelab.platform.tracking", "cascadelab.platform.train.run"},
-    "platform/bench/convert.py": {"gc", "psutil", "logging", "cascadelab.platform.data.recflow",
-                                  "cascadelab.platform.runtime"},
-    "platform/bench/ingest.py": {"torch.distributed", "psutil", "cascadelab.platform.bench.train",
-                                 "cascadelab.platform.config", "cascadelab.platform.runtime",
-                                 "cascadelab.platform.train.run"},
+    "jobs/train.py": {"cascadelab.platform.train.run"},
     "platform/bench/operators.py": {"ctypes", "ctypes.util", "importlib.util", "torch.profiler"},
-    "platform/bench/train.py": {"cascadelab.platform.train.loop", "cascadelab.platform.runtime",
-                                "cascadelab.platform.train.run"},
-    "platform/tracking.py": {"urllib.error", "urllib.request", "cascadelab.platform.config"},
     "platform/train/plan.py": {"cascadelab.platform.data.ingest"},
-    "platform/train/run.py": {"cascadelab.platform.config"},
-    "platform/tune/sweep.py": {"cascadelab.platform.tracking", "cascadelab.platform.data.ingest",
-                               "cascadelab.platform.data.schema", "cascadelab.platform.runtime",
-                               "cascadelab.platform.train.run"},
+    "platform/tune/sweep.py": {"cascadelab.platform.train.run"},
 }
 
 
