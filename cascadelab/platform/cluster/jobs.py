@@ -38,6 +38,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from cascadelab.platform.cluster.credentials import check_job_argv, check_job_env
 from cascadelab.platform.cluster.storage import uri_scheme
 from cascadelab.platform.config import flatten, parse_overrides
 from cascadelab.platform.runtime import scoped_env
@@ -153,6 +154,7 @@ def build_runtime_env(working_dir: str | os.PathLike[str] = ".", env_vars: Mappi
         if not key or not isinstance(value, str):
             raise ClusterError(f"env var {key!r}: expected a non-empty name and a string value")
         env[key] = value
+    check_job_env(env)  # a job's env vars are shown in the dashboard: credentials come from the nodes
     runtime_env: dict[str, Any] = {"working_dir": str(wd), "excludes": list(WORKING_DIR_EXCLUDES)}
     if env:
         runtime_env["env_vars"] = env
@@ -398,6 +400,7 @@ def submit(name: str, args: Sequence[str], add_parser: AddParser, address: str |
     warned about. Returns the job id; with ``wait`` it returns once the job has ended (see
     :func:`job_status`).
     """
+    check_job_argv(args)  # the entrypoint is shown like the env
     ns = check_job_args(name, args, add_parser)
     for warning in lint_job_args(ns):
         log.warning("%s", warning)

@@ -324,3 +324,17 @@ def test_client_errors_become_one_line_cluster_errors():
         jobs._call("http://h:8265", "job x", missing, "x")
     with pytest.raises(ClusterError, match=r"^submitting the job failed on http://h:8265: Request failed"):
         jobs._call("http://h:8265", "submitting the job", missing, "x")
+
+
+def test_a_credential_in_the_job_env_or_command_line_is_refused(tmp_path):
+    from cascadelab.platform.config import ConfigError
+
+    (tmp_path / "cascadelab").mkdir()
+    with pytest.raises(ConfigError, match="MLFLOW_TRACKING_PASSWORD") as err:
+        jobs.build_runtime_env(tmp_path, {"MLFLOW_TRACKING_PASSWORD": "hunter2"}, environ={})
+    assert "hunter2" not in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        jobs.submit("train", ["--set", "tracking.uri=http://me:hunter2@head:5000"], add_parser_of("train"),
+                    address="http://127.0.0.1:1")
+    assert "hunter2" not in str(err.value)
+    assert jobs.build_runtime_env(tmp_path, {"SEED": "1"}, environ={})["env_vars"] == {"SEED": "1"}
