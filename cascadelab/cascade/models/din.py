@@ -16,8 +16,10 @@ class DIN(nn.Module):
     Attention logit a(seq_j, target) = w2 . relu(W1 [seq_j ; target] + b1) + b2, softmax over the valid
     positions, interest = attention-weighted sum of the sequence embeddings. Scorer input: user fields,
     interest, the target's 5 id fields and its 3 upload-time fields -> [hidden, hidden, 32, 1].
-    W1 [seq ; target] is computed as W1_seq seq + W1_tgt target, so the ``[B, n, L, hidden]`` tensor is
-    built by one broadcast add instead of a matmul over concatenated inputs (same function, fewer FLOPs).
+    W1 [seq ; target] is computed as W1_seq seq + W1_tgt target (per position and per candidate), and the
+    logits over the ``[B, n, L, 2d]`` pre-activation by ``attention.target_attention_logits`` (in
+    cache-sized blocks on the CPU). The scorer's first layer takes the user fields once per request
+    (``embedding.request_linear``). Parameter names are those of the plain layers above.
     Deviation: padded positions are masked with -inf-like logits as in the reference, but a request with
     no behaviour at all gets a zero interest vector instead of a uniform average over padding.
     """
