@@ -11,9 +11,9 @@ probability that item i ends at descending position r: rows = positions, columns
 orientation of :func:`cascadelab.operators.neural_sort`. Every layer is a doubly-stochastic mixing,
 so P is doubly stochastic.
 
-Differences from the DFTopK reference copy (notes 5.6): the compared values ARE updated after every
-layer (the reference forgot this, so its network does not sort), the output is not transposed, and
-the Gaussian relaxation works.
+Differences from the DFTopK reference copy (zhangzhen97/DFTOPK ``torch/deep_components/loss/sorting.py``):
+the compared values ARE updated after every layer (the reference forgot this, so its network does not
+sort), the output is not transposed, and the Gaussian relaxation works.
 
 Implementation: each layer is a precomputed ``partner`` index (the other wire of each wire's
 comparator, itself for idle wires) and a sign (+1 winner, -1 loser, 0 idle). One layer costs one
@@ -49,7 +49,7 @@ RELAXATIONS = ("cauchy", "logistic", "gaussian", "reciprocal")
 _CHECKPOINT_BYTES = 256 * 2**20
 
 
-def diff_sort(scores: Tensor, steepness: float, network: str = "odd_even",
+def diff_sort(scores: Tensor, steepness: float = 10.0, network: str = "odd_even",
               relaxation: str = "cauchy") -> Tensor:
     """Relaxed permutation matrix of a differentiable sorting network, ``(..., n)`` -> ``(..., n, n)``.
 

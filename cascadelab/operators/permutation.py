@@ -21,7 +21,7 @@ from torch import Tensor
 from cascadelab.operators._checks import check_positive, check_scores
 
 
-def neural_sort(scores: Tensor, tau: float) -> Tensor:
+def neural_sort(scores: Tensor, tau: float = 50.0) -> Tensor:
     """NeuralSort relaxed permutation matrix, ``(..., n)`` -> ``(..., n, n)`` (row = descending position).
 
     Args:
@@ -40,7 +40,7 @@ def neural_sort(scores: Tensor, tau: float) -> Tensor:
     return torch.softmax(logits / tau, dim=-1)
 
 
-def soft_sort(scores: Tensor, tau: float) -> Tensor:
+def soft_sort(scores: Tensor, tau: float = 50.0) -> Tensor:
     """SoftSort relaxed permutation matrix, ``(..., n)`` -> ``(..., n, n)`` (row = descending position).
 
     The sorted values are differentiable (a gather through the sort), as in the paper.

@@ -4,6 +4,8 @@
     soft = spec(scores, k=10)               # defaults from spec.hyperparams
     soft = spec(scores, k=10, tau=100.0)    # override by name
 
+Hyperparameter defaults live in the operator signatures only; :func:`operator_default` reads them
+(``operator_default("dftopk", "tau")`` = 500.0) for the objectives and benchmarks that need a value.
 ``kind == "topk"`` operators are called ``fn(scores, k, **hyperparams)`` and return a ``(..., n)`` mask;
 ``kind == "permutation"`` operators are called ``fn(scores, **hyperparams)`` and return ``(..., n, n)``
 with rows = descending positions.
@@ -11,6 +13,7 @@ with rows = descending positions.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -51,22 +54,28 @@ class OperatorSpec:
 
 
 def _spec(name: str, fn: Callable[..., Tensor], kind: Literal["topk", "permutation"], description: str,
-          **hyperparams: float) -> OperatorSpec:
-    return OperatorSpec(name, fn, kind, MappingProxyType(dict(hyperparams)), description)
+          *hyperparams: str) -> OperatorSpec:
+    """An :class:`OperatorSpec` whose ``hyperparams`` are the defaults of ``fn``'s named keywords."""
+    params = inspect.signature(fn).parameters
+    return OperatorSpec(name, fn, kind, MappingProxyType({h: params[h].default for h in hyperparams}), description)
 
 
 OPERATORS: Mapping[str, OperatorSpec] = MappingProxyType({
     s.name: s
     for s in (
-        _spec("dftopk", dftopk, "topk", "DFTopK sigmoid((s - theta)/tau), O(n)", tau=500.0),
-        _spec("lapsum", lapsum_topk, "topk", "LapSum soft top-k, rows sum to k, O(n log n)", alpha=5.0),
-        _spec("neuralsort", neural_sort, "permutation", "NeuralSort soft permutation, O(n^2)", tau=50.0),
-        _spec("softsort", soft_sort, "permutation", "SoftSort soft permutation, O(n^2)", tau=50.0),
-        _spec("diffsort", diff_sort, "permutation", "odd-even sorting network, Cauchy relaxation",
-              steepness=10.0),
-        _spec("sparse-topk", sparse_topk, "topk", "sparse soft top-k (p=2), exact, O(n log n)", l=1.0),
+        _spec("dftopk", dftopk, "topk", "DFTopK sigmoid((s - theta)/tau), O(n)", "tau"),
+        _spec("lapsum", lapsum_topk, "topk", "LapSum soft top-k, rows sum to k, O(n log n)", "alpha"),
+        _spec("neuralsort", neural_sort, "permutation", "NeuralSort soft permutation, O(n^2)", "tau"),
+        _spec("softsort", soft_sort, "permutation", "SoftSort soft permutation, O(n^2)", "tau"),
+        _spec("diffsort", diff_sort, "permutation", "odd-even sorting network, Cauchy relaxation", "steepness"),
+        _spec("sparse-topk", sparse_topk, "topk", "sparse soft top-k (p=2), exact, O(n log n)", "l"),
     )
 })
+
+
+def operator_default(name: str, hyperparam: str) -> float:
+    """The default of ``hyperparam`` in the signature of operator ``name`` (e.g. ``("dftopk", "tau")``)."""
+    return get_operator(name).hyperparams[hyperparam]
 
 
 def available_operators() -> list[str]:

@@ -1,4 +1,4 @@
-"""ARF and ARF-v2: per-stage relaxed Recall@K@m plus a listwise global term (reference notes §1.6)."""
+"""ARF and ARF-v2: per-stage relaxed Recall@K@m plus a listwise global term (kwai/LCRON ``arf.py``)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ class ARFObjective(nn.Module):
       tie blocks, :func:`label_permutation`);
     * ``w_s`` is an uncertainty weight on ``G_s`` (log-variance parameter, ``UncertaintyWeights``).
 
-    Deviations from the reference code (notes §1.6, §6 items 1, 2, 4, 7, 9): the real validity mask
+    Deviations from the reference code (kwai/LCRON ``two_stage/arf.py``, ``three_stage/arf.py``): the real validity mask
     (items) and the valid positions (rows) replace the sequence mask; y / y-bar are computed directly
     (no NeuralSort of the labels, padded ground-truth slots are not positives) and Lambda by counting;
     ``G_s`` is normalised by each request's ``c^2`` (reference: ``n^2``) and every request with ``c >= 2``

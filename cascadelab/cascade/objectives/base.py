@@ -45,7 +45,7 @@ class UncertaintyWeights(nn.Module):
     """Kendall et al. uncertainty weighting with a log-variance parameter per term.
 
     ``combine(losses) = sum_i 0.5 * exp(-lv_i) * L_i + 0.5 * lv_i``, i.e. L/(2 w^2) + ln w with
-    w^2 = exp(lv). The reference code learns w itself (ln w is NaN for w <= 0, notes §6 item 9); the
+    w^2 = exp(lv). The LCRON reference code learns w itself (ln w is NaN for w <= 0); the
     log-variance form is the same function with w = 1 at initialisation and no invalid region.
     """
 
@@ -58,7 +58,7 @@ class UncertaintyWeights(nn.Module):
         return (0.5 * torch.exp(-self.log_var) * stacked + 0.5 * self.log_var).sum()
 
 
-EPS = 1e-6  # inside every log of the sorting-based and probability losses (reference notes §0)
+EPS = 1e-6  # inside every log of the sorting-based and probability losses (as the LCRON code)
 FILL_MARGIN = 1e3  # how far below a row's lowest valid score invalid candidates are placed
 
 
@@ -86,20 +86,6 @@ def fill_invalid(scores: Tensor, mask: Tensor, margin: float = FILL_MARGIN) -> T
     return torch.where(mask, scores, low)
 
 
-def topk_threshold(scores: Tensor, k: int, mask: Tensor) -> Tensor:
-    """``[B, 1]``: the midpoint of the ``k``-th and ``(k+1)``-th largest valid scores of every row.
-
-    A gate ``sigmoid((s - threshold) / T)`` then keeps exactly the top ``k`` as ``T -> 0``. The gradient
-    flows into the two boundary elements. Rows with ``k`` or fewer valid candidates get a threshold below
-    all of them (the missing order statistics are taken 1 below the row's lowest valid score).
-    """
-    filled = fill_invalid(scores, mask, 1.0)
-    below = filled.detach().amin(-1, keepdim=True) - 1.0  # a sentinel under every item
-    k = max(1, min(k, scores.shape[-1]))
-    pair = torch.cat([filled, below], dim=-1).topk(k + 1, dim=-1).values[..., -2:]
-    return pair.mean(-1, keepdim=True)
-
-
 def row_mean(x: Tensor, mask: Tensor) -> Tensor:
     """``[B]``: per-row mean of ``x: [B, n]`` over ``mask`` (0 for rows without any)."""
     m = mask.to(x.dtype)
@@ -118,7 +104,7 @@ def valid_positions(mask: Tensor) -> Tensor:
 
     With invalid candidates filled below every valid one (:func:`fill_invalid`), the valid items take
     the first ``count`` rows of a descending soft permutation. This is the reference's "sequence mask"
-    m-bar, but applied to positions (rows) only; items (columns) use the real mask (notes §6 item 1).
+    m-bar, but applied to positions (rows) only; items (columns) use the real mask.
     """
     count = mask.sum(-1, keepdim=True)
     return torch.arange(mask.shape[-1], device=mask.device) < count

@@ -1,4 +1,4 @@
-"""BCE baseline: every stage learns "is this candidate ground truth?" on its own (reference notes §1.1)."""
+"""BCE baseline: every stage learns "is this candidate ground truth?" on its own (kwai/LCRON ``bce.py``)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ class BCEObjective(nn.Module):
 
     Groups are ``slot // slots_per_group``; slots appended by in-batch negative sampling form extra
     trailing groups. Deviations: the mean is over valid candidates in scope, not over all slots with
-    zero weights (notes §6 item 7); one summed loss instead of one backward per stage (same gradients,
+    zero weights; one summed loss instead of one backward per stage (same gradients,
     the stages share no parameters).
     """
 

@@ -1,4 +1,4 @@
-"""DFTopK cascade objective (Zhu et al. 2025; reference notes §5.5, ``dftopkjoint``)."""
+"""DFTopK cascade objective (Zhu et al. 2025; zhangzhen97/DFTOPK ``topk_loss.py``, ``dftopkjoint``)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from cascadelab.cascade.objectives.base import (
     bce_from_log_prob,
     bce_with_logits,
 )
-from cascadelab.operators import dftopk_logits
+from cascadelab.operators import dftopk_logits, operator_default
 
 
 class DFTopKObjective(nn.Module):
@@ -27,7 +27,7 @@ class DFTopKObjective(nn.Module):
     log-variance uncertainty weights. ``scores``: S tensors ``[B, n]`` (any number of stages).
     """
 
-    def __init__(self, num_stages: int, gt_k: int = 10, tau: float = 500.0):
+    def __init__(self, num_stages: int, gt_k: int = 10, tau: float = operator_default("dftopk", "tau")):
         super().__init__()
         self.names = stage_names(num_stages)
         self.k = gt_k

@@ -1,4 +1,4 @@
-"""FS-LambdaLoss: a TF-Ranking-style LambdaLoss (NDCG-Loss2++) on every stage (reference notes §1.5)."""
+"""FS-LambdaLoss: a TF-Ranking-style LambdaLoss (NDCG-Loss2++) on every stage (kwai/LCRON ``fs_lambdaloss.py``)."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ class FSLambdaLossObjective(nn.Module):
     See :func:`lambda_weights` for the weights; ``lambdaloss_topn`` (30) and ``lambdaloss_smoothing``
     f (0.8) are the values the reference runs with. ``scores``: S tensors ``[B, n]``.
 
-    Deviations (notes §1.5, §6 items 2, 7): padded candidates get no gain, no rank and no pair (the
+    Deviations from kwai/LCRON ``fs_lambdaloss.py``: padded candidates get no gain, no rank and no pair (the
     reference uses the unmasked labels, so padded ground-truth slots are top-graded); each informative
     pair is counted once (the reference sums all ordered pairs, i.e. twice; the loss is half the
     reference's, same direction); the batch mean skips requests without a valid candidate.

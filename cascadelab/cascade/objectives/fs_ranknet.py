@@ -1,4 +1,4 @@
-"""FS-RankNet: every stage learns the full stage order of the candidate groups (reference notes §1.4)."""
+"""FS-RankNet: every stage learns the full stage order of the candidate groups (kwai/LCRON ``fs_ranknet.py``)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ class FSRankNetObjective(nn.Module):
     [sum_b sum_{i in G_a} sum_{j in G_{>a}} m_i m_j]``; ``L = sum_s L_s`` (stages share no parameters, so
     one summed backward equals the reference's per-model backward). ``scores``: S tensors ``[B, n]``.
 
-    Deviations (notes §1.4, §6 items 2, 7): both items of a pair must be valid (the two-stage reference
+    Deviations from kwai/LCRON ``fs_ranknet.py``: both items of a pair must be valid (the two-stage reference
     masks only the higher one, the three-stage one nothing) and each level is normalised by its valid
     pair count (the reference divides by |G_{>a}| times the higher-group count, or by 10 B).
     """

@@ -1,4 +1,4 @@
-"""LCRON: end-to-end cascade recall through soft permutations (Wang et al. ICML 2025; notes §1.7, §1.8, §5.5)."""
+"""LCRON: end-to-end cascade recall through soft permutations (Wang et al. ICML 2025; kwai/LCRON ``lcron.py``)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from cascadelab.cascade.objectives.base import (
     row_mean,
 )
 from cascadelab.cascade.objectives.sorting import SORTS, memberships, soft_permutation
+from cascadelab.operators import operator_default
 
 
 class LCRONObjective(nn.Module):
@@ -35,7 +36,7 @@ class LCRONObjective(nn.Module):
     * ``w_s = exp(lv_s / 2)`` learnable (``UncertaintyWeights``), the weight of ``L_e2e`` fixed at 1 and
       the natural log, as in the reference code (paper Eq. 13 also weights ``L_e2e`` and uses log2).
 
-    Deviations from the reference code (notes §1.7, §1.8, §6 items 1, 2, 4, 7, 9, 13): y and y-bar are
+    Deviations from the reference code (kwai/LCRON ``two_stage/lcron.py``, ``three_stage/lcron.py``): y and y-bar are
     computed directly, once (no NeuralSort of the labels, hence neither the two-stage soft tie blocks nor
     the three-stage binarised ones, and padded ground-truth slots are not positives); items use the real
     validity mask and positions the valid rows (reference: the sequence mask for both); sums are
@@ -47,8 +48,9 @@ class LCRONObjective(nn.Module):
 
     fixed_sort: str | None = None
 
-    def __init__(self, num_stages: int, ks: list[int] | None = None, gt_k: int = 10, lcron_tau: float = 50.0,
-                 lcron_sort: str = "neuralsort", diffsort_steepness: float = 10.0,
+    def __init__(self, num_stages: int, ks: list[int] | None = None, gt_k: int = 10,
+                 lcron_tau: float = operator_default("neuralsort", "tau"), lcron_sort: str = "neuralsort",
+                 diffsort_steepness: float = operator_default("diffsort", "steepness"),
                  diffsort_network: str = "odd_even", lcron_stage_quotas: bool = False):
         super().__init__()
         sort = self.fixed_sort or lcron_sort

@@ -1,4 +1,7 @@
-"""RankFlow: stage-wise BCE on the upstream selection plus downstream-to-upstream distillation (notes §1.3)."""
+"""RankFlow: stage-wise BCE on the upstream selection plus downstream-to-upstream distillation.
+
+Reference code: kwai/LCRON ``two_stage/rankflow.py`` and ``three_stage/rankflow.py``.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +9,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cascadelab.cascade.batch import CascadeBatch
-from cascadelab.cascade.metrics import select_topk, stage_names
+from cascadelab.cascade.metrics import stage_names
 from cascadelab.cascade.objectives.base import ObjectiveOutput, bce_with_logits, default_ks, masked_mean, row_mean
+from cascadelab.operators import hard_topk_mask
 
 
 class RankFlowObjective(nn.Module):
@@ -25,11 +29,11 @@ class RankFlowObjective(nn.Module):
       ``rankflow_alpha = a``. ``rankflow_alpha = None`` (default) is the reference: a = 0 for two
       stages (the rank term is computed and logged but off), weight 1 on every term for three or more.
 
-    Deviations from the reference code (notes §1.3, §6 items 2, 8): y and every selection use the real
-    validity mask (the reference labels padded group-0 slots positive and can select padding); the
-    two-stage rank term splits ``T_0`` at the next stage's cut-off ``ks[1]`` (top-20 vs the rest), where
-    the reference splits at 10 (inactive there anyway, a = 0) -- the three-stage reference already
-    splits at the next stage's cut-off.
+    Deviations from the reference code: y and every selection use the real validity mask (the reference
+    labels padded group-0 slots positive and can select padding); selections are
+    :func:`~cascadelab.operators.hard_topk_mask` (ties to the lower slot); the two-stage rank term splits
+    ``T_0`` at the next stage's cut-off ``ks[1]`` (top-20 vs the rest), where the reference splits at 10
+    (inactive there anyway, a = 0) -- the three-stage reference already splits at the next stage's cut-off.
     """
 
     def __init__(self, num_stages: int, ks: list[int] | None = None, rankflow_alpha: float | None = None):
@@ -48,12 +52,12 @@ class RankFlowObjective(nn.Module):
         components = {}
         loss = bce_with_logits(scores[0], y, batch.mask)
         components[f"rankflow_bce_{self.names[0]}"] = loss.detach()
-        kept = select_topk(scores[0], self.ks[0], batch.mask)
+        kept = hard_topk_mask(scores[0], self.ks[0], mask=batch.mask)
         for j in range(1, len(scores)):
             up, down = scores[j - 1], scores[j]
             bce = bce_with_logits(down, y, kept)
             mse = masked_mean((down.detach() - up) ** 2, kept)
-            chosen = select_topk(down, self.ks[j], kept)
+            chosen = hard_topk_mask(down, self.ks[j], mask=kept)
             rest = kept & ~chosen
             rows = chosen.any(-1) & rest.any(-1)
             margin = row_mean(up, chosen) - row_mean(up, rest)

@@ -1,4 +1,4 @@
-"""Shared recipe of the soft top-k mask objectives (DFTopK repo ``topk_loss.py``; reference notes §5.5)."""
+"""Shared recipe of the soft top-k mask objectives (zhangzhen97/DFTOPK ``topk_loss.py``)."""
 
 from __future__ import annotations
 

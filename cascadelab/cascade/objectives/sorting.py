@@ -10,13 +10,13 @@ import torch
 from torch import Tensor
 
 from cascadelab.cascade.objectives.base import fill_invalid, valid_positions
-from cascadelab.operators import diff_sort, neural_sort, soft_sort
+from cascadelab.operators import diff_sort, neural_sort, operator_default, soft_sort
 
 SORTS = ("neuralsort", "softsort", "diffsort")
 
 
-def soft_permutation(scores: Tensor, mask: Tensor, sort: str, tau: float, steepness: float = 10.0,
-                     network: str = "odd_even") -> Tensor:
+def soft_permutation(scores: Tensor, mask: Tensor, sort: str, tau: float,
+                     steepness: float = operator_default("diffsort", "steepness"), network: str = "odd_even") -> Tensor:
     """``[B, n, n]`` soft permutation of ``scores: [B, n]`` with invalid candidates sorted last.
 
     ``sort``: ``neuralsort`` / ``softsort`` (temperature ``tau``) or ``diffsort`` (``steepness``,

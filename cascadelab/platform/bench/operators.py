@@ -1,6 +1,6 @@
 """Operator micro-benchmark: the DFTopK paper's runtime protocol, extended to large batches and N.
 
-Protocol (zhangzhen97/DFTOPK ``count_time_fin.py``, reference notes papers_and_anchors 3.4), per
+Protocol (zhangzhen97/DFTOPK ``count_time_fin.py``), per
 operator, batch size B and list length N (k = N // 2):
 
 * one timed step = forward + loss + backward, no optimizer. Inputs are drawn once and reused (a fresh
@@ -26,11 +26,10 @@ Baselines timed in the same run:
   calls, autograd through them.
 * ``neuralsort-reference-style``: NeuralSort with ``|s_i - s_j| @ 1 1^T`` (the O(n^3) form).
 
-Headline (``headline_rounds``, default 40): after the grid, the target cases are timed again with the
-operators of each comparison interleaved step by step (floor, dftopk, official, floor-logits,
+Headline (``headline_rounds``, default 40): after the grid, every (batch, N) of the grid is timed again
+with the operators of each comparison interleaved step by step (floor, dftopk, official, floor-logits,
 dftopk-logits; lapsum beside the authors' code), so that drift on a shared machine hits both sides of
-each ratio alike: at the largest batch for N = 1000 and the largest N, and at batch 1 for every N. The
-``headline_*`` ratios are the ones to read for the targets (:func:`_headline`).
+each ratio alike. The ``headline_*`` ratios are the ones to read for the targets (:func:`_headline`).
 
 Skips (recorded in the JSON as ``"skipped: <reason>"``): O(n^2)-memory operators when
 B * N * N * 4 bytes > ``max_quadratic_bytes`` (2 GiB); and, to keep the default run to a few minutes on
@@ -45,8 +44,10 @@ Memory (dftopk, B = max batch): ``saved_bytes`` = bytes the autograd graph keeps
 with ``torch.autograd.graph.saved_tensors_hooks`` (exact, any device), for the operator alone and for
 operator + BCE; ``peak_bytes`` = peak extra memory of one forward + BCE + backward step: on CUDA the
 growth of ``torch.cuda.max_memory_allocated``, on CPU the peak of the running sum of allocations (charged
-to the op that made them) and frees recorded by ``torch.profiler`` with ``profile_memory=True`` (NumPy
-scratch of O(B) is not seen). Both are also given per B*N element.
+to the op that made them) and frees recorded by ``torch.profiler`` with ``profile_memory=True``. Both
+are also given per B*N element.
+
+matplotlib is imported lazily, in :func:`_plot`.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ from cascadelab.operators import (
     diff_sort,
     lapsum_topk,
     neural_sort,
+    operator_default,
     soft_sort,
     sparse_topk,
 )
@@ -101,11 +103,11 @@ class OperatorBenchConfig:
     operators: tuple[str, ...] = ALL_OPERATORS
     device: str = "cpu"
     dtype: str = "float32"
-    tau: float = 500.0  # dftopk / floor / official (the DFTopK paper's value)
-    lapsum_alpha: float = 5.0
-    sparse_l: float = 1.0
-    sort_tau: float = 50.0  # neuralsort / softsort
-    steepness: float = 10.0  # diffsort
+    tau: float = operator_default("dftopk", "tau")  # dftopk / floor / official
+    lapsum_alpha: float = operator_default("lapsum", "alpha")
+    sparse_l: float = operator_default("sparse-topk", "l")
+    sort_tau: float = operator_default("neuralsort", "tau")  # neuralsort / softsort
+    steepness: float = operator_default("diffsort", "steepness")  # diffsort
     max_seconds_per_case: float = 3.0
     max_quadratic_bytes: int = 2 * 2**30
     max_quadratic_elements: float = 5e7  # time budget for the O(n^2) operators (B * N^2)
@@ -116,13 +118,12 @@ class OperatorBenchConfig:
     memory: bool = True
     # CPU on glibc: serve every allocation from the heap and keep freed memory in the process (mallopt
     # M_MMAP_MAX=0, M_TRIM_THRESHOLD=max) for the run, as a caching allocator would. glibc's default maps
-    # each block over 32 MiB freshly and page-faults it in on every step, so at B x N = 1024 x 10,000 the
-    # steps measure the kernel's page faults (the floor alone grew 15.6x for 10x the elements) rather
-    # than the operators. Restored afterwards; recorded in the JSON meta.
+    # each block over 32 MiB freshly and page-faults it in on every step, so the large cases would time
+    # the kernel's page faults rather than the operators. Restored afterwards; recorded in the JSON meta.
     keep_freed_memory: bool = True
-    # After the grid, the target cases are timed again with the operators of each comparison interleaved
-    # step by step, up to this many rounds: drift on a shared machine then hits both sides of a ratio
-    # alike (the grid times each case's steps back to back). 0 = skip. See _headline.
+    # After the grid, every case is timed again with the operators of each comparison interleaved step by
+    # step, up to this many rounds: drift on a shared machine then hits both sides of a ratio alike (the
+    # grid times each case's steps back to back). 0 = skip. See _headline.
     headline_rounds: int = 40
     # A Python file with the LapSum authors' pure-PyTorch ``soft_top_k(r, k, alpha)`` (github.com/gmum/LapSum,
     # tutorial_notebooks/soft_topk.ipynb; not shipped here). When set, it is timed as "lapsum-reference"
@@ -291,70 +292,68 @@ def _skip_reason(cfg: OperatorBenchConfig, op: str, batch: int, n: int, dtype) -
 
 
 def _make_step(cfg: OperatorBenchConfig, op: str, batch: int, n: int, device, dtype) -> Callable[[], None]:
+    """One timed step of ``op`` at (batch, n): a fresh leaf, the operator, its loss and the backward."""
     g = torch.Generator().manual_seed(cfg.seed + 7919 * n + batch)
     k = max(1, n // 2)
     scores = torch.randn(batch, n, generator=g).to(device=device, dtype=dtype)
-    # random hard top-k label: k random positions per row
-    label = torch.zeros(batch, n)
+    label = torch.zeros(batch, n)  # random hard top-k label: k random positions per row
     label.scatter_(1, torch.rand(batch, n, generator=g).argsort(1)[:, :k], 1.0)
     label = label.to(device=device, dtype=dtype)
     grades = torch.randn(batch, n, generator=g).to(device=device, dtype=dtype)
-    eps = 1e-6
+    kind, fn, label_fn = _operator_fns(cfg, op, batch, k, device, dtype)
 
-    def topk_step(fn: Callable[[Tensor], Tensor], logits: bool, clamp: bool = True) -> Callable[[], None]:
-        def step() -> None:
-            x = scores.detach().requires_grad_()
-            out = fn(x)
-            if logits:
-                loss = F.binary_cross_entropy_with_logits(out, label)
-            else:
-                loss = F.binary_cross_entropy(out.clamp(eps, 1 - eps) if clamp else out, label)
-            loss.backward()
-        return step
-
-    def perm_step(fn: Callable[[Tensor], Tensor], label_fn: Callable[[Tensor], Tensor]) -> Callable[[], None]:
-        def step() -> None:
+    def step() -> None:
+        x = scores.detach().requires_grad_()
+        if kind == "perm":
             with torch.no_grad():
                 target = label_fn(grades)
-            x = scores.detach().requires_grad_()
-            p = fn(x)
-            loss = -(target * torch.log(p + eps)).sum() / (batch * n * n)
-            loss.backward()
-        return step
+            loss = -(target * torch.log(fn(x) + _EPS)).sum() / (batch * n * n)
+        elif kind == "logits":
+            loss = F.binary_cross_entropy_with_logits(fn(x), label)
+        else:  # probabilities; "clamp" where exact 0 and 1 occur
+            out = fn(x)
+            loss = F.binary_cross_entropy(out.clamp(_EPS, 1 - _EPS) if kind == "clamp" else out, label)
+        loss.backward()
 
+    return step
+
+
+_EPS = 1e-6
+
+
+def _operator_fns(cfg: OperatorBenchConfig, op: str, batch: int, k: int, device, dtype) -> tuple:
+    """(loss kind, operator on the scores, label operator or None) of benchmark operator ``op``."""
     tau = cfg.tau
+    topk = {
+        "floor": ("probs", lambda x: torch.sigmoid(x / tau)),
+        "dftopk": ("probs", lambda x: dftopk(x, k, tau)),
+        "dftopk-official-style": ("probs", lambda x: torch.sigmoid(official_dftopk_logits(x, k, tau))),
+        "floor-logits": ("logits", lambda x: x / tau),
+        "dftopk-logits": ("logits", lambda x: dftopk_logits(x, k, tau)),
+        "lapsum": ("clamp", lambda x: lapsum_topk(x, k, cfg.lapsum_alpha)),
+        "sparse-topk": ("clamp", lambda x: sparse_topk(x, k, cfg.sparse_l)),
+    }
+    perm = {
+        "neuralsort": (lambda x: neural_sort(x, cfg.sort_tau), lambda y: neural_sort(y, 1e-4)),
+        "neuralsort-reference-style": (lambda x: reference_neural_sort(x, cfg.sort_tau),
+                                       lambda y: reference_neural_sort(y, 1e-4)),
+        "softsort": (lambda x: soft_sort(x, cfg.sort_tau), lambda y: soft_sort(y, 1e-4)),
+        "diffsort": (lambda x: diff_sort(x, cfg.steepness), lambda y: diff_sort(y, 1000.0)),
+    }
     if op == "lapsum-reference":
         ref = _load_reference(cfg.lapsum_reference)
         k_rows = torch.full((batch,), float(k), device=device, dtype=dtype)
         alpha = torch.tensor(cfg.lapsum_alpha, device=device, dtype=dtype)
-        return topk_step(lambda x: ref(x, k_rows, alpha), logits=False)
-    if op == "floor":
-        return topk_step(lambda x: torch.sigmoid(x / tau), logits=False, clamp=False)
-    if op == "dftopk":
-        return topk_step(lambda x: dftopk(x, k, tau), logits=False, clamp=False)
-    if op == "dftopk-official-style":
-        return topk_step(lambda x: torch.sigmoid(official_dftopk_logits(x, k, tau)), logits=False, clamp=False)
-    if op == "floor-logits":
-        return topk_step(lambda x: x / tau, logits=True)
-    if op == "dftopk-logits":
-        return topk_step(lambda x: dftopk_logits(x, k, tau), logits=True)
-    if op == "lapsum":
-        return topk_step(lambda x: lapsum_topk(x, k, cfg.lapsum_alpha), logits=False)
-    if op == "sparse-topk":
-        return topk_step(lambda x: sparse_topk(x, k, cfg.sparse_l), logits=False)
-    if op == "neuralsort":
-        return perm_step(lambda x: neural_sort(x, cfg.sort_tau), lambda y: neural_sort(y, 1e-4))
-    if op == "neuralsort-reference-style":
-        return perm_step(lambda x: reference_neural_sort(x, cfg.sort_tau), lambda y: reference_neural_sort(y, 1e-4))
-    if op == "softsort":
-        return perm_step(lambda x: soft_sort(x, cfg.sort_tau), lambda y: soft_sort(y, 1e-4))
-    if op == "diffsort":
-        return perm_step(lambda x: diff_sort(x, cfg.steepness), lambda y: diff_sort(y, 1000.0))
+        return "clamp", lambda x: ref(x, k_rows, alpha), None
+    if op in topk:
+        return (*topk[op], None)
+    if op in perm:
+        return ("perm", *perm[op])
     raise ValueError(f"unknown benchmark operator {op!r}")
 
 
 # --------------------------------------------------------------------------------------------------
-# baselines written from the math (reference notes 2.1 and 3.2)
+# baselines written from the math (zhangzhen97/DFTOPK, kwai/LCRON ``sorting.py``)
 
 
 def official_dftopk_logits(x: Tensor, k: int, tau: float) -> Tensor:
@@ -391,7 +390,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def _ratios(results: list[dict], cfg: OperatorBenchConfig, stat: str = "median_ms") -> dict:
     """Ratios of per-step times (``stat``: median_ms, or min_ms which is less sensitive to other load on a
-    shared machine); None where a case was not run."""
+    shared machine); only the ratios whose cases both ran."""
     big = max(cfg.batch_sizes)
     small = min(cfg.batch_sizes)
 
@@ -418,7 +417,7 @@ def _ratios(results: list[dict], cfg: OperatorBenchConfig, stat: str = "median_m
         n = max(ns)
         out[f"neuralsort_reference_over_ours_b{small}_n{n}"] = _ratio(f("neuralsort-reference-style", small, n),
                                                                       f("neuralsort", small, n))
-    return out
+    return {key: value for key, value in out.items() if value is not None}
 
 
 HEADLINE_OPERATORS = ("floor", "dftopk", "dftopk-official-style", "floor-logits", "dftopk-logits")
@@ -427,15 +426,12 @@ HEADLINE_OPERATORS = ("floor", "dftopk", "dftopk-official-style", "floor-logits"
 def _headline(cfg: OperatorBenchConfig, device, dtype) -> dict:
     """The target ratios from interleaved timing: each round runs one step of every operator of a group.
 
-    Groups: the DFTopK set (``HEADLINE_OPERATORS``, when dftopk is benchmarked) at the largest batch for
-    N = 1000 and the largest N, and at batch 1 for every N; LapSum beside the authors' code (when given)
-    for the same cases. Rounds are cut so that a group takes about
-    2 * ``max_seconds_per_case`` (at least 5).
+    Groups, at every (batch, N) of the grid: the DFTopK set (``HEADLINE_OPERATORS``, when dftopk is
+    benchmarked) and LapSum beside the authors' code (when given). Rounds are cut so that a group takes
+    about 2 * ``max_seconds_per_case`` (at least 5).
     """
     big_b, big_n = max(cfg.batch_sizes), max(cfg.sizes)
-    cases = [(big_b, n) for n in sorted({1000, big_n} & set(cfg.sizes))]
-    if 1 in cfg.batch_sizes and big_b != 1:
-        cases += [(1, n) for n in cfg.sizes]
+    cases = [(b, n) for b in cfg.batch_sizes for n in cfg.sizes]
     groups = [(b, n, HEADLINE_OPERATORS) for b, n in cases] if "dftopk" in cfg.operators else []
     if cfg.lapsum_reference and "lapsum" in cfg.operators:
         groups += [(b, n, ("lapsum", "lapsum-reference")) for b, n in cases]
