@@ -20,6 +20,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from cascadelab.platform.cluster.credentials import scrub_params
 from cascadelab.platform.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -107,10 +108,10 @@ class Tracker:
         return tracker
 
     def log_params(self, params: dict[str, Any]) -> None:
-        """Params as text (None as ``null``, cut at 6000 characters), in batches of 100."""
+        """Params as text (None as ``null``, cut at 6000 characters; credentials redacted), in batches of 100."""
         from mlflow.entities import Param
 
-        items = [Param(k, _clean_value(v)) for k, v in sorted(params.items())]
+        items = [Param(k, _clean_value(v)) for k, v in sorted(scrub_params(params).items())]
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i:i + 100])
 

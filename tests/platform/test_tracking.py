@@ -56,3 +56,12 @@ def test_the_run_id_functions_are_the_same_calls(sqlite_uri):
     assert (run.info.run_id, run.info.status, run.data.metrics, run.data.params) == (run_id, "FINISHED", {"x": 3.0},
                                                                                     {"p": "2"})
     assert runs_named(sqlite_uri, "no-such-experiment", "fn") == []
+
+
+def test_a_password_in_a_param_is_redacted_before_it_is_logged(sqlite_uri):
+    tracker = Tracker.start(sqlite_uri, "exp", "r2", {"tracking.uri": "http://jobs:hunter2@head:5000",
+                                                      "train.lr": 0.01})
+    tracker.close()
+    params = MlflowClient(sqlite_uri).get_run(tracker.run_id).data.params
+    assert "hunter2" not in params["tracking.uri"] and "head:5000" in params["tracking.uri"]
+    assert params["train.lr"] == "0.01"
