@@ -6,6 +6,11 @@ Ray Train; it runs as one Ray task so that its process environment matches a Tra
 Parquet through Ray Data into a Ray Train worker. Reported: steady-state samples/s of each (the Ray
 figure excludes each day's pipeline start-up, reported separately as end-to-end throughput), their
 ratio, and the 2-worker scaling efficiency = rate(2 workers) / (2 x rate(1 worker)).
+
+Roofline: the cascade's FLOPs and bytes per training sample (:func:`roofline.cascade_cost`), this
+process's peak FLOP/s and copy bandwidth at the run's torch threads (:func:`roofline.measure_peaks`,
+measured in the floor's process), the roofline ``min(F / flops, W / bytes)`` and the fraction of it that
+each side reaches, per core (samples/s divided by the torch threads of a worker).
 ray and matplotlib are imported lazily (inside functions).
 """
 
@@ -26,6 +31,7 @@ from cascadelab.cascade.batch import CascadeBatch
 from cascadelab.platform.config import load_config, unflatten
 from cascadelab.platform.data.ingest import arrow_to_tensors, day_files
 from cascadelab.platform.data.synthetic import SyntheticConfig, generate
+from cascadelab.platform.bench.roofline import cascade_cost, measure_peaks, roofline_samples_per_s
 from cascadelab.platform.runtime import ensure_ray
 from cascadelab.platform.train.plan import RunPlan, plan_run
 from cascadelab.platform.train.run import run_training
@@ -43,6 +49,7 @@ class TrainBenchConfig:
     data: str | None = None  # an existing dataset instead of generating one
     tracking_uri: str | None = None
     seed: int = 0
+    use_gpu: bool = False  # train on the GPU (train.use_gpu=true) on both sides
 
 
 def bare_loop_rate(plan: RunPlan, days: list[str], max_batches: int | None = None) -> dict[str, float]:
@@ -62,20 +69,25 @@ def bare_loop_rate(plan: RunPlan, days: list[str], max_batches: int | None = Non
             break
     torch.set_num_threads(plan.torch_threads)
     torch.manual_seed(cfg.train.seed)
-    model = plan.build_cascade()
+    device = torch.device("cuda" if cfg.train.use_gpu == "true" else "cpu")
+    peaks = measure_peaks() if device.type == "cpu" else {}
+    model = plan.build_cascade().to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
     times, rows = [], 0
     for i, batch in enumerate(batches):
+        batch = batch.to(device)
         t0 = time.perf_counter()
         _, out = model(batch)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         if i > 0:  # the first step pays one-off allocation costs
             times.append(time.perf_counter() - t0)
             rows += batch.size
     return {"samples_per_s": rows / sum(times), "step_ms_median": 1000 * statistics.median(times),
-            "steps": float(len(times))}
+            "steps": float(len(times)), **peaks}
 
 
 RAY_KEYS = ("samples_per_s", "train_rows", "wall_time_s")
@@ -96,15 +108,16 @@ def run_train_bench(cfg: TrainBenchConfig, out_dir: Path) -> dict:
             return load_config(None, unflatten({
                 "data.path": data, "data.batch_size": cfg.batch_size, "objective.name": cfg.objective,
                 "tracking.uri": uri, "tracking.experiment": "cascadelab-bench-train",
-                "train.storage_path": str(Path(tmp) / "results"), **extra}))
+                "train.storage_path": str(Path(tmp) / "results"),
+                "train.use_gpu": "true" if cfg.use_gpu else "false", **extra}))
 
         base = config()
         plan = plan_run(base)
         ensure_ray()
         # the floor runs in a Ray task with the Train worker's CPU reservation and threads (same process
         # environment, e.g. OMP_NUM_THREADS), minus Ray Data and Ray Train
-        bare = ray.get(ray.remote(num_cpus=base.train.cpus_per_worker)(bare_loop_rate).remote(
-            plan, list(plan.train_days)))
+        bare = ray.get(ray.remote(num_cpus=base.train.cpus_per_worker, num_gpus=int(cfg.use_gpu))(
+            bare_loop_rate).remote(plan, list(plan.train_days)))
         one = run_training(base)
         result = {"config": asdict(cfg), "threads": plan.torch_threads, "torch": torch.__version__, "bare": bare,
                   "ray_1_worker": {k: one.metrics[k] for k in RAY_KEYS}}
@@ -115,9 +128,28 @@ def run_train_bench(cfg: TrainBenchConfig, out_dir: Path) -> dict:
             result["ray_2_workers"] = {k: two.metrics[k] for k in RAY_KEYS}
             ratios["scaling_efficiency_2_workers"] = two.metrics["samples_per_s"] / (2 * one.metrics["samples_per_s"])
         result["ratios"] = ratios
+        result["roofline"] = roofline(base, plan, bare, one.metrics["samples_per_s"])
     (out_dir / "train.json").write_text(json.dumps(result, indent=2))
     _plot(result, out_dir / "train.png")
     return result
+
+
+def roofline(cfg, plan: RunPlan, bare: dict[str, float], ray_rate: float) -> dict[str, float]:
+    """FLOPs and bytes per sample, samples/s per core of each side and the fraction of the roofline
+    (CPU only: the peaks are measured in the floor's process)."""
+    cost = cascade_cost(cfg, vocab=plan.meta.vocab, batch_size=cfg.data.batch_size)
+    out = {k: cost[k] for k in ("flops_per_sample", "bytes_per_sample", "intensity")}
+    out["bare_samples_per_s_per_core"] = bare["samples_per_s"] / plan.torch_threads
+    out["ray_samples_per_s_per_core"] = ray_rate / plan.torch_threads
+    if "peak_flops" in bare:
+        out["peak_flops_per_core"] = bare["peak_flops"] / plan.torch_threads
+        out["bandwidth_per_core"] = bare["bandwidth"] / plan.torch_threads
+        out["roofline_samples_per_s_per_core"] = roofline_samples_per_s(
+            cost, out["peak_flops_per_core"], out["bandwidth_per_core"])
+        for side in ("bare", "ray"):
+            out[f"{side}_roofline_fraction"] = (out[f"{side}_samples_per_s_per_core"]
+                                                / out["roofline_samples_per_s_per_core"])
+    return out
 
 
 def _plot(result: dict, path: Path) -> None:
