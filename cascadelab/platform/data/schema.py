@@ -35,6 +35,7 @@ from cascadelab.cascade.batch import USER_FIELDS as USER_FIELDS  # re-exported f
 SCHEMA_VERSION = 1
 SEQ_LEN = 50
 SLOTS = 10  # candidates per group
+MAX_GRADE = 30.0  # label of a positive candidate = MAX_GRADE - its (re)rank_index (1..10)
 TIMEZONE = "Asia/Shanghai"
 METADATA_FILE = "dataset.json"
 
@@ -54,6 +55,12 @@ ID_VOCAB_FIELDS = ("user_id", "device_id", "age", "gender", "province",
 
 class DataError(ValueError):
     """Bad data or a bad dataset path: the message names the path or field and what was expected."""
+
+
+def write_error(path: str | Path, exc: OSError) -> DataError:
+    """A failed write (a full disk, a lost mount, a permission) as one line naming the file and the reason."""
+    reason = exc.strerror or (str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    return DataError(f"'{exc.filename or path}': could not be written ({reason})")
 
 
 def groups_for(mode: str) -> tuple[str, ...]:
@@ -108,9 +115,16 @@ class DatasetMeta:
     extra: dict = field(default_factory=dict)
 
     def write(self, root: Path) -> None:
-        tmp = root / (METADATA_FILE + ".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
-        tmp.replace(root / METADATA_FILE)
+        """Replace ``<root>/dataset.json`` atomically (a temporary file, then a rename); on a failed write
+        the previous file stays and the DataError names the path."""
+        path = Path(root) / METADATA_FILE
+        tmp = path.with_name(METADATA_FILE + ".tmp")
+        try:
+            tmp.write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
+            tmp.replace(path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise write_error(path, exc) from None
 
     @classmethod
     def read(cls, root: str | Path) -> DatasetMeta:
