@@ -26,7 +26,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         description="Train multi-stage recommendation cascades through differentiable top-K operators "
                     "on Ray, tracked in MLflow.")
     parser.add_argument("--version", action="version", version=f"cascadelab {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", 
+                        help="debug logging and Ray's internal logging (workers' output, execution plans)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     chosen = COMMANDS.get(_command_of(sys.argv[1:] if argv is None else argv) or "")
     for name, command in COMMANDS.items():

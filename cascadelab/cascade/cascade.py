@@ -8,6 +8,7 @@ from typing import Any, Protocol
 from torch import Tensor, nn
 
 from cascadelab.cascade.batch import CascadeBatch
+from cascadelab.cascade.metrics import stage_names
 from cascadelab.cascade.models import build_model
 from cascadelab.cascade.objectives import ObjectiveOutput, build_objective
 
@@ -46,3 +47,26 @@ def build_cascade(stages: Sequence[Stage], vocab: dict[str, int], objective: str
     """
     return Cascade([s.model for s in stages], [s.k for s in stages], vocab, objective, dict(objective_params),
                    emb_dim=emb_dim, hidden=hidden)
+
+
+#: The tensors of a batch a :class:`CascadeScorer` reads (the flat dict of ``CascadeBatch.from_dict``).
+SCORER_INPUTS = ("user", "seq", "seq_mask", "items", "mask", "label")
+
+
+class CascadeScorer(nn.Module):
+    """A trained cascade as a model that serves: ``forward(tensors) -> {stage name: [B, n] scores}``.
+
+    ``tensors``: the flat dict of one batch (:data:`SCORER_INPUTS`, shapes as in ``CascadeBatch``; the
+    labels are read but do not change the scores). Stage names are ``cascade.metrics.stage_names``
+    (``retrieval``, ..., ``ranking``); ``ks`` and the stage order travel with the module.
+    """
+
+    def __init__(self, cascade: Cascade):
+        super().__init__()
+        self.stages = cascade.stages
+        self.ks = list(cascade.ks)
+        self.names = stage_names(len(cascade.stages))
+
+    def forward(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        batch = CascadeBatch.from_dict(tensors)
+        return {name: stage(batch) for name, stage in zip(self.names, self.stages, strict=True)}

@@ -31,6 +31,7 @@ COMMANDS: dict[str, Command] = {
     "convert": Command("convert", "convert a public dataset into the project's Parquet schema"),
     "train": Command("train", "train a cascade on Ray, tracked in MLflow"),
     "sweep": Command("sweep", "run a Ray Tune grid of training runs (one MLflow parent run)"),
+    "score": Command("score", "score requests with a training run's MLflow model (top-k per stage)"),
     "compare": Command("compare", "paper-style tables and plots from a sweep's or an experiment's MLflow runs"),
     "demo": Command("demo", "end-to-end demo: generate data, train bce and dftopk, print a table"),
     "bench": Command("bench", "run a benchmark suite (JSON + PNG + MLflow run)"),

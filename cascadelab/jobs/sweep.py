@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from cascadelab.jobs.common import add_skip_bad_files, standalone
+from cascadelab.jobs.common import add_skip_bad_files, add_verbose, standalone
 from cascadelab.platform.tune.sweep import load_sweep, preflight, run_sweep
 
 
@@ -27,6 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the sweep's base config, e.g. --set data.path=/data/recflow (repeatable)")
     add_skip_bad_files(p)
+    add_verbose(p)
     p.set_defaults(func=main)
 
 

@@ -20,6 +20,8 @@ from cascadelab.cascade.models import MODELS
 from cascadelab.cascade.objectives import OBJECTIVES
 
 PARQUET_READERS = ("auto", "v1", "v2")
+#: Keys that exist for the tests (fault injection): in the config, never among a run's MLflow params.
+TEST_ONLY_KEYS = ("train.fail_at_step", "train.fail_rank")
 
 
 class ConfigError(ValueError):
@@ -107,6 +109,7 @@ class TrackingConfig:
     uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
     experiment: str = "cascadelab"
     run_name: str | None = None  # None: <objective>-<timestamp>-<random>; always unique
+    system_metrics: bool = True  # MLflow system metrics (CPU, memory, GPU where present) on training runs
 
 
 @dataclass
@@ -306,6 +309,11 @@ def flatten(d: dict[str, Any], prefix: str = "", sep: str = ".") -> dict[str, An
         else:
             out[full] = value
     return out
+
+
+def run_params(cfg: CascadeConfig) -> dict[str, Any]:
+    """The flattened config a run logs as MLflow params: every key but :data:`TEST_ONLY_KEYS`."""
+    return {k: v for k, v in flatten(cfg.to_dict()).items() if k not in TEST_ONLY_KEYS}
 
 
 def from_dict(d: dict[str, Any]) -> CascadeConfig:

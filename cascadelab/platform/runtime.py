@@ -1,7 +1,10 @@
 """Connecting to Ray: the embedded local cluster by default, a real cluster when RAY_ADDRESS is set.
 
 This module is the one place that sets or removes ``RAY_API_SERVER_ADDRESS`` (:func:`start_local`,
-:func:`scoped_env`). Ray is imported lazily, inside the functions that need a cluster.
+:func:`scoped_env`), and the one place that decides how much of Ray's own logging reaches the console
+(:func:`set_verbose`): by default the workers' and actors' output stays in Ray's session logs
+(``/tmp/ray/session_*/logs``) and Ray's driver-side loggers print warnings only; the driver prints
+progress and results itself. Ray is imported lazily, inside the functions that need a cluster.
 """
 
 from __future__ import annotations
@@ -17,6 +20,46 @@ log = logging.getLogger(__name__)
 
 #: How Ray's own processes and clients find the dashboard's HTTP (State / Jobs) API of a cluster.
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+#: Ray's driver-side loggers that print start-up and planning details (Ray Data's own logger does not
+#: inherit the level of ``ray``).
+RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune")
+_console = {"verbose": False}
+
+
+def set_verbose(verbose: bool) -> None:
+    """``--verbose``: Ray's internal logging (workers' output, execution plans, Ray Data planning) shown."""
+    _console["verbose"] = bool(verbose)
+    quiet_ray_logging()
+
+
+def is_verbose() -> bool:
+    return _console["verbose"]
+
+
+def quiet_ray_logging() -> None:
+    """Ray's (and MLflow's) driver-side loggers at WARNING, or INFO with ``--verbose``; Ray Data prints no
+    execution plan at the start of each dataset and no progress bars unless verbose on a terminal."""
+    level = logging.INFO if is_verbose() else logging.WARNING
+    for name in (*RAY_LOGGERS, "mlflow"):
+        logging.getLogger(name).setLevel(level)
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", logging.getLevelName(level))  # mlflow sets it on import
+    if "ray.data" in sys.modules:
+        _quiet_ray_data()
+
+
+def _quiet_ray_data() -> None:
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.print_on_execution_start = is_verbose()
+    ctx.enable_progress_bars = is_verbose() and sys.stderr.isatty()
+
+
+def _init_kwargs() -> dict:
+    """``ray.init`` keywords of the console mode: workers' output forwarded to the driver only when
+    verbose; Ray's start-up messages (the token notice, the dashboard URL) at ERROR otherwise."""
+    verbose = is_verbose()
+    return {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.ERROR}
 
 
 def _put_env(name: str, value: str | None) -> None:
@@ -43,16 +86,15 @@ def scoped_env(values: Mapping[str, str | None]) -> Iterator[None]:
 def ensure_ray(num_cpus: int | None = None) -> None:
     """Join the cluster named by ``RAY_ADDRESS`` (set inside Ray jobs), or start a local one."""
     import ray
-    from ray.data import DataContext
 
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
-            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+            ray.init(address=os.environ["RAY_ADDRESS"], **_init_kwargs())
         else:
             start_local(num_cpus)
         log.info("Ray cluster resources: %s", ray.cluster_resources())
-    if not sys.stderr.isatty():
-        DataContext.get_current().enable_progress_bars = False
+    quiet_ray_logging()
+    _quiet_ray_data()
 
 
 def start_local(num_cpus: int | None = None, keep_env: bool = False) -> None:
@@ -69,7 +111,7 @@ def start_local(num_cpus: int | None = None, keep_env: bool = False) -> None:
     import ray
 
     if os.environ.get(API_SERVER_ENV):
-        ray.init(num_cpus=num_cpus, include_dashboard=True, log_to_driver=True)
+        ray.init(num_cpus=num_cpus, include_dashboard=True, **_init_kwargs())
         return
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -78,7 +120,7 @@ def start_local(num_cpus: int | None = None, keep_env: bool = False) -> None:
     with contextlib.nullcontext() if keep_env else scoped_env({API_SERVER_ENV: None}):
         os.environ[API_SERVER_ENV] = url  # inherited by the cluster's processes
         ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-                 log_to_driver=True)
+                 **_init_kwargs())
 
 
 def decide_use_gpu(requested: str) -> bool:
@@ -91,3 +133,17 @@ def decide_use_gpu(requested: str) -> bool:
         raise RuntimeError("train.use_gpu=true but the Ray cluster has no GPU; "
                            "use train.use_gpu=auto or false, or add GPU nodes")
     return requested == "true" or (requested == "auto" and gpus >= 1)
+
+
+def one_line_error(exc: BaseException) -> str:
+    """What a failed run prints and tags: ``Type: first line`` of the failure itself, looking through
+    Ray Train's ``WorkerGroupError`` (``worker_failures``: rank -> the exception that rank raised) and
+    Ray's task errors (their ``cause``)."""
+    failures = getattr(exc, "worker_failures", None)
+    if isinstance(failures, Mapping) and failures:
+        exc = failures[sorted(failures)[0]]
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException):
+        exc = cause
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__

@@ -12,11 +12,16 @@ that hold a run id. mlflow is imported lazily (inside functions): importing this
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shlex
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +29,47 @@ from cascadelab.platform.cluster.credentials import scrub_params
 from cascadelab.platform.config import ConfigError
 
 log = logging.getLogger(__name__)
+
+#: The experiment tag MLflow's UI reads to pick an experiment's view; ``custom_model_development`` opens
+#: the "Model training" view (runs, metrics, models) instead of the GenAI traces view.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+ERROR_TAG = "cascadelab.error"  # a FAILED run's one-line reason
+MODEL_NAME = "model"  # the trained cascade, logged with mlflow.pytorch
+
+
+def experiment_id(store, experiment: str) -> str:
+    """The id of ``experiment`` (created if needed), tagged as a model-training experiment."""
+    exp = store.get_experiment_by_name(experiment)
+    if exp is None:
+        return store.create_experiment(experiment, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+    if EXPERIMENT_KIND_TAG not in exp.tags:
+        store.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+    return exp.experiment_id
+
+
+def _git(*args: str) -> str | None:
+    root = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def source_tags(argv: list[str] | None = None) -> dict[str, str]:
+    """Where a run came from: the command line (``cascadelab.command``, ``mlflow.source.name``) and the
+    git commit and dirty flag of the checkout cascadelab runs from (none outside a git checkout)."""
+    argv = list(sys.argv if argv is None else argv)
+    program = Path(argv[0]).name if argv else "cascadelab"
+    tags = {"mlflow.source.name": program, "mlflow.source.type": "LOCAL",
+            "cascadelab.command": shlex.join([program, *argv[1:]])[:5000]}
+    commit = _git("rev-parse", "HEAD")
+    if commit:
+        status = _git("status", "--porcelain", "--untracked-files=no")
+        tags.update({"mlflow.source.git.commit": commit,
+                     "cascadelab.git_dirty": "unknown" if status is None else str(bool(status)).lower()})
+    return tags
 
 
 def resolve_tracking_uri(configured: str | None = None) -> str:
@@ -100,8 +146,7 @@ class Tracker:
               tags: dict[str, str] | None = None) -> Tracker:
         """Create a run (and its experiment if needed) with ``params`` and ``tags``; it stays RUNNING."""
         store = client(uri)
-        exp = store.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp is not None else store.create_experiment(experiment)
+        exp_id = experiment_id(store, experiment)
         tracker = cls(uri, store.create_run(exp_id, run_name=run_name, tags=tags or {}).info.run_id)
         tracker._client = store
         tracker.log_params(params or {})
@@ -143,6 +188,66 @@ class Tracker:
         for key, value in tags.items():
             self.client.set_tag(self.run_id, key, value)
 
+    def log_dataset(self, name: str, path: str, digest: str, schema: list[tuple[str, str]],
+                    profile: dict[str, Any], context: str = "training") -> None:
+        """The run's input dataset (MLflow's Dataset column): ``schema`` as ``(column, MLflow type)``
+        pairs (``long``, ``double``, ``boolean``, ``string``, ``binary``; lists as ``array<type>``),
+        ``profile`` (e.g. days, rows) shown beside it."""
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.types import ColSpec, Schema
+        from mlflow.types.schema import Array, DataType
+
+        def spec(column: str, kind: str) -> ColSpec:
+            inner = kind.removeprefix("array<").removesuffix(">")
+            return ColSpec(Array(DataType[inner]) if kind.startswith("array<") else DataType[kind], column)
+
+        with warnings.catch_warnings():  # a local path matches every local source class MLflow registers
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(path)
+        meta = MetaDataset(source, name=name, digest=digest,
+                           schema=Schema([spec(c, k) for c, k in schema])).to_dict()
+        entity = Dataset(name=meta["name"], digest=meta["digest"], source_type=meta["source_type"],
+                         source=meta["source"], schema=meta["schema"], profile=json.dumps(profile))
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(entity, [InputTag("mlflow.data.context", context)])])
+
+    def log_pytorch_model(self, module, example: dict[str, Any]) -> str:
+        """``module`` (a ``torch.nn.Module`` taking a dict of tensors and returning a dict of tensors) as
+        the run's MLflow model ``model``, with the signature of ``example`` (name -> tensor); returns the
+        model URI ``mlflow.pytorch.load_model`` loads."""
+        import mlflow
+        import mlflow.pytorch
+        import torch
+        from mlflow.models import infer_signature
+
+        with torch.no_grad():
+            output = module(example)
+        signature = infer_signature({k: v.numpy() for k, v in example.items()},
+                                    {k: v.numpy() for k, v in output.items()})
+        mlflow.set_tracking_uri(self.uri)  # Model.log resolves the store from the fluent URI
+        flavor_log = logging.getLogger("mlflow.pytorch")
+        level = flavor_log.level
+        flavor_log.setLevel(logging.ERROR)  # its pickle notice: loading runs cascadelab's own module
+        try:
+            info = mlflow.pytorch.log_model(module, name=MODEL_NAME, signature=signature, run_id=self.run_id,
+                                            serialization_format="pickle",  # the module itself; pt2 traces
+                                            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+        finally:
+            flavor_log.setLevel(level)
+        self.set_tags({"cascadelab.model_uri": info.model_uri})
+        return info.model_uri
+
+    def system_metrics(self, interval_s: float = 5.0):
+        """A started MLflow system-metrics monitor logging ``system/*`` (CPU, memory, disk, network; GPU
+        with NVML) of this machine to the run every ``interval_s``; ``finish()`` it when the run ends."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval_s, tracking_uri=self.uri,
+                                       resume_logging=True)
+        monitor.start()
+        return monitor
+
     def history(self, metric: str) -> list[tuple[int, float]]:
         """``(step, value)`` of every logged point of ``metric``, by step."""
         return sorted((m.step, m.value) for m in self.client.get_metric_history(self.run_id, metric))
@@ -163,8 +268,10 @@ class Tracker:
     def delete(self) -> None:
         self.client.delete_run(self.run_id)
 
-    def close(self, status: str = "FINISHED") -> None:
-        """End the run with ``status``: FINISHED, FAILED or KILLED."""
+    def close(self, status: str = "FINISHED", error: str | None = None) -> None:
+        """End the run with ``status``: FINISHED, FAILED or KILLED; ``error`` (one line) as ``cascadelab.error``."""
+        if error:
+            self.client.set_tag(self.run_id, ERROR_TAG, error[:5000])
         self.client.set_terminated(self.run_id, status=status)
 
 

@@ -65,3 +65,43 @@ def test_a_password_in_a_param_is_redacted_before_it_is_logged(sqlite_uri):
     params = MlflowClient(sqlite_uri).get_run(tracker.run_id).data.params
     assert "hunter2" not in params["tracking.uri"] and "head:5000" in params["tracking.uri"]
     assert params["train.lr"] == "0.01"
+
+
+def test_experiments_open_on_the_model_training_view(sqlite_uri):
+    from cascadelab.platform.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING
+
+    client = MlflowClient(sqlite_uri)
+    old = client.create_experiment("old")  # created before the tag existed: tagged on the next run
+    Tracker.start(sqlite_uri, "new", "r")
+    Tracker.start(sqlite_uri, "old", "r")
+    assert MODEL_TRAINING == "custom_model_development"  # the value MLflow's UI maps to "Model training"
+    assert client.get_experiment_by_name("new").tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING
+    assert client.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING
+
+
+def test_source_tags_name_the_command_and_the_commit():
+    import subprocess
+
+    from cascadelab.platform.tracking import source_tags
+
+    tags = source_tags(["/usr/bin/cascadelab", "train", "--set", "objective.tau=5 0"])
+    assert tags["cascadelab.command"] == "cascadelab train --set 'objective.tau=5 0'"
+    assert tags["mlflow.source.name"] == "cascadelab"
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    if head:  # the tests run from the repository's checkout
+        assert tags["mlflow.source.git.commit"] == head
+        assert tags["cascadelab.git_dirty"] in ("true", "false")
+
+
+def test_a_dataset_input_and_a_failure_reason_are_logged(sqlite_uri, tmp_path):
+    tracker = Tracker.start(sqlite_uri, "exp", "r")
+    tracker.log_dataset("tiny", str(tmp_path), "abcd1234", [("user_id", "long"), ("items", "array<long>")],
+                        {"days": ["d1", "d2"], "rows": 10})
+    tracker.close("FAILED", error="DataError: 'x.parquet': not a readable Parquet file")
+    run = MlflowClient(sqlite_uri).get_run(tracker.run_id)
+    (ds,) = run.inputs.dataset_inputs
+    assert (ds.dataset.name, ds.dataset.digest) == ("tiny", "abcd1234")
+    assert str(tmp_path) in ds.dataset.source and '"rows": 10' in ds.dataset.profile
+    assert '"user_id"' in ds.dataset.schema and '"array"' in ds.dataset.schema
+    assert [t.value for t in ds.tags if t.key == "mlflow.data.context"] == ["training"]
+    assert run.data.tags["cascadelab.error"].startswith("DataError: 'x.parquet'")

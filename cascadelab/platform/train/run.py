@@ -3,36 +3,54 @@ checked), a ``TorchTrainer`` (worker function, scaling and run config, datasets)
 
 Every check that needs no cluster runs before Ray starts (:func:`cascadelab.platform.train.plan.plan_run`,
 the tracking server, the CPU budget where the cluster's size is known, the run to resume). The MLflow
-run is a :class:`~cascadelab.platform.tracking.Tracker` shared with rank 0 of the workers. ray, mlflow
-and matplotlib are imported lazily (inside functions).
+run is a :class:`~cascadelab.platform.tracking.Tracker` shared with rank 0 of the workers; it gets the
+resolved config as params (without the test-only keys), its dataset as an MLflow input, source tags,
+system metrics, and at the end the trained cascade as an MLflow (``mlflow.pytorch``) model. A failed run
+ends FAILED with its one-line reason as the ``cascadelab.error`` tag. Progress reaches the driver as Ray
+Train reports (see :class:`DriverProgress`); the workers' own output stays in Ray's logs unless
+``--verbose``. ray, mlflow and matplotlib are imported lazily (inside functions).
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import hashlib
 import json
 import logging
+import queue as queue_module
+import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
 import yaml
 
-from cascadelab.platform.cluster.storage import check_storage_path
-from cascadelab.platform.config import CascadeConfig, ConfigError, flatten, from_dict
-from cascadelab.platform.data.ingest import read_day
-from cascadelab.platform.data.schema import DataError
+from cascadelab.cascade.cascade import SCORER_INPUTS, CascadeScorer
+from cascadelab.platform.cluster.storage import check_storage_path, uri_scheme
+from cascadelab.platform.config import CascadeConfig, ConfigError, from_dict, run_params
+from cascadelab.platform.data.ingest import arrow_to_tensors, read_day
+from cascadelab.platform.data.schema import METADATA_FILE, DataError, day_dir_files
 from cascadelab.platform.data.validate import DayFiles, find_bad_file, validate_days
-from cascadelab.platform.runtime import decide_use_gpu, ensure_ray
-from cascadelab.platform.tracking import Tracker, check_tracking_uri, runs_named
+from cascadelab.platform.runtime import decide_use_gpu, ensure_ray, one_line_error
+from cascadelab.platform.tracking import Tracker, check_tracking_uri, runs_named, source_tags
 from cascadelab.platform.train.loop import ShardError, train_loop_per_worker
 from cascadelab.platform.train.plan import RunPlan, check_cpu_budget, known_cpus, on_cluster, plan_run
 
 log = logging.getLogger(__name__)
+CHECKPOINT_FILE = "cascade.pt"  # the worker loop's checkpoint file: {"model": state_dict, ...} (torch.save)
 
 
 @dataclass
 class TrainResult:
+    """``metrics``: the final evaluation and throughput as the workers returned them (``samples_per_s``
+    is the run's total rate, logged to MLflow as ``samples_per_s_total``), plus ``wall_time_s``."""
+
     run_id: str
     run_name: str
     tracking_uri: str
@@ -58,7 +76,8 @@ def load_run_config(uri: str, experiment: str, run_name: str) -> CascadeConfig:
 
 
 def run_training(cfg: CascadeConfig, resume: str | None = None, tags: dict[str, str] | None = None,
-                 callbacks: list | None = None, run_name: str | None = None) -> TrainResult:
+                 callbacks: list | None = None, run_name: str | None = None,
+                 progress: bool = True) -> TrainResult:
     """Train ``cfg`` on Ray (the local embedded cluster unless RAY_ADDRESS is set), tracked in MLflow.
 
     ``resume``: the name of an interrupted run to continue from its last checkpoint (same config,
@@ -68,7 +87,8 @@ def run_training(cfg: CascadeConfig, resume: str | None = None, tags: dict[str, 
     (a Tune trial uses its trial id, stable across trial restarts): when a run of that name already has
     a checkpoint under ``train.storage_path`` it is resumed (with its MLflow run), otherwise created.
     Raises ConfigError / DataError (one line) for bad configs and bad data, before Ray starts where
-    the check needs no cluster.
+    the check needs no cluster. ``progress``: the driver shows the run's progress (a bar on a terminal,
+    a line per day otherwise); a Tune trial, which is no driver, passes False.
     """
     plan = plan_run(cfg, resume=resume, run_name=run_name)
     check_tracking_uri(plan.tracking_uri)
@@ -79,16 +99,22 @@ def run_training(cfg: CascadeConfig, resume: str | None = None, tags: dict[str, 
 
     plan, files = _on_cluster(plan)
     tracker = _open_run(plan, resumed, tags, files)
+    monitor = tracker.system_metrics() if plan.config.tracking.system_metrics else None
     t0 = time.perf_counter()
     try:
-        result = _trainer(plan, tracker, files, callbacks).fit()
+        with DriverProgress(plan, enabled=progress) as shown:
+            result = _trainer(plan, tracker, files, [*(callbacks or []), *shown.callbacks()]).fit()
+        return _finish(plan, tracker, result, time.perf_counter() - t0)
     except BaseException as exc:
-        tracker.close("FAILED")
         bad = data_failure(exc, plan, files)
+        tracker.close("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED",
+                      error=str(bad) if bad is not None else one_line_error(exc))
         if bad is not None:  # bad data met by a worker: one line naming the file
             raise bad from None
         raise
-    return _finish(plan, tracker, result, time.perf_counter() - t0)
+    finally:
+        if monitor is not None:
+            monitor.finish()
 
 
 def _on_cluster(plan: RunPlan) -> tuple[RunPlan, DayFiles | None]:
@@ -102,6 +128,7 @@ def _on_cluster(plan: RunPlan) -> tuple[RunPlan, DayFiles | None]:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     plan = on_cluster(plan, ray.cluster_resources().get("CPU", 0.0), decide_use_gpu(plan.config.train.use_gpu))
+    plan = dataclasses.replace(plan, config=resolved_config(plan), progress=False)  # the driver draws progress
     if not plan.config.data.skip_bad_files:
         return plan, None
     files = validate_days(plan.config.data.path, plan.days, plan.meta, plan.groups)
@@ -111,19 +138,33 @@ def _on_cluster(plan: RunPlan) -> tuple[RunPlan, DayFiles | None]:
     return plan, files
 
 
+def resolved_config(plan: RunPlan) -> CascadeConfig:
+    """The config as the run uses it: training and evaluation days filled in, ``use_gpu`` decided,
+    a local ``data.path`` absolute (what is logged as params and ``config.yaml``)."""
+    cfg = copy.deepcopy(plan.config)
+    cfg.data.train_days, cfg.data.eval_day = list(plan.train_days), plan.eval_day
+    if not uri_scheme(cfg.data.path):
+        cfg.data.path = str(Path(cfg.data.path).expanduser().resolve())
+    if plan.use_gpu is not None:
+        cfg.train.use_gpu = "true" if plan.use_gpu else "false"
+    return cfg
+
+
 def _open_run(plan: RunPlan, resumed: Tracker | None, tags: dict[str, str] | None,
               files: DayFiles | None) -> Tracker:
-    """The run's MLflow run: the resumed one reopened, or a new one with the config as params."""
+    """The run's MLflow run: the resumed one reopened, or a new one with the resolved config as params,
+    the source tags and the dataset as its input."""
     cfg = plan.config
     if resumed is not None:
         tracker = resumed
         tracker.reopen()
     else:
-        tracker = Tracker.start(plan.tracking_uri, cfg.tracking.experiment, plan.run_name, flatten(cfg.to_dict()),
+        tracker = Tracker.start(plan.tracking_uri, cfg.tracking.experiment, plan.run_name, run_params(cfg),
                                 tags={"cascadelab.objective": cfg.objective.name,
                                       "cascadelab.stages": "->".join(f"{s.model}@{s.k}" for s in cfg.stages),
-                                      "cascadelab.dataset": str(Path(cfg.data.path).resolve()), **(tags or {})})
+                                      "cascadelab.dataset": cfg.data.path, **source_tags(), **(tags or {})})
         tracker.log_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), "config.yaml")
+        log_training_data(tracker, plan)
     log.info("MLflow run %s (%s) in %s", plan.run_name, tracker.run_id, plan.tracking_uri)
     if files is not None:
         tracker.log_dict({"data_skipped_files": float(files.skipped)})
@@ -177,17 +218,172 @@ def _trainer(plan: RunPlan, tracker: Tracker, files: DayFiles | None, callbacks:
 
 
 def _finish(plan: RunPlan, tracker: Tracker, result, wall: float) -> TrainResult:
-    """Log the final metrics (step = number of training days), the checkpoint and the streaming plot."""
+    """Log the final metrics (step = number of training days; the run's throughput as
+    ``samples_per_s_total``, the per-day series keeping per-day values only), the checkpoint, the
+    trained cascade as an MLflow model and the streaming plot."""
     metrics = dict(result.return_value or {})
     metrics["wall_time_s"] = wall
-    tracker.log_dict(metrics, step=len(plan.train_days))
+    logged = {("samples_per_s_total" if k == "samples_per_s" else k): v for k, v in metrics.items()}
+    tracker.log_dict(logged, step=len(plan.train_days))
     ckpt_path = result.checkpoint.path if result.checkpoint is not None else None
     if ckpt_path and plan.run_dir is not None:
         tracker.log_artifact(ckpt_path, "checkpoint")
+        log_cascade_model(tracker, plan, Path(ckpt_path) / CHECKPOINT_FILE)
     if plan.config.train.streaming_eval:
         log_streaming_plot(tracker)
     tracker.close("FINISHED")
     return TrainResult(tracker.run_id, plan.run_name, plan.tracking_uri, metrics, ckpt_path, wall)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# what the MLflow run shows besides metrics: the dataset, the model
+
+
+def _mlflow_type(tp: pa.DataType) -> str:
+    """An Arrow column type as an MLflow column type (``array<...>`` for lists)."""
+    if pa.types.is_list(tp) or pa.types.is_fixed_size_list(tp) or pa.types.is_large_list(tp):
+        return f"array<{_mlflow_type(tp.value_type)}>"
+    if pa.types.is_boolean(tp):
+        return "boolean"
+    if pa.types.is_integer(tp):
+        return "long"
+    if pa.types.is_floating(tp):
+        return "double"
+    return "binary" if pa.types.is_binary(tp) else "string"
+
+
+def dataset_digest(root: str | Path, days: list[str]) -> str:
+    """16 hex digits of sha256 over ``dataset.json`` and the name and size of every Parquet file of
+    ``days``: another dataset, another day or a rewritten file changes it; re-reading does not."""
+    h = hashlib.sha256((Path(root) / METADATA_FILE).read_bytes())
+    for day in sorted(days):
+        for path in sorted(day_dir_files(root, day)):
+            h.update(f"{Path(path).relative_to(root)}:{Path(path).stat().st_size}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def log_training_data(tracker: Tracker, plan: RunPlan) -> None:
+    """The run's dataset as its MLflow input: name, source path, digest, days, rows and schema (of the
+    first training day's first file). Remote datasets are logged by path and schema only."""
+    data = plan.config.data
+    profile = {"days": plan.days, "train_days": list(plan.train_days), "eval_day": plan.eval_day,
+               "rows": sum(plan.rows_per_day.get(d, 0) for d in plan.days),
+               "rows_per_day": {d: plan.rows_per_day.get(d, 0) for d in plan.days}, "mode": plan.meta.mode}
+    files = day_dir_files(data.path, plan.train_days[0])
+    schema = [(f.name, _mlflow_type(f.type)) for f in pq.read_schema(files[0])]
+    digest = dataset_digest(data.path, plan.days) if not uri_scheme(data.path) else "remote"
+    tracker.log_dataset(Path(data.path).name, data.path, digest, schema, profile)
+
+
+def example_batch(plan: RunPlan, rows: int = 4) -> dict[str, torch.Tensor]:
+    """``rows`` requests of the evaluation day as the flat tensor dict a :class:`CascadeScorer` reads."""
+    table = pq.ParquetFile(day_dir_files(plan.config.data.path, plan.eval_day)[0]).read_row_group(0)
+    tensors = arrow_to_tensors(table.slice(0, rows), plan.groups)
+    return {k: tensors[k] for k in SCORER_INPUTS}
+
+
+def log_cascade_model(tracker: Tracker, plan: RunPlan, checkpoint_file: Path) -> str:
+    """The checkpoint's cascade as the run's MLflow model (``mlflow.pytorch``; a :class:`CascadeScorer`
+    with the signature of an evaluation-day batch); returns its model URI."""
+    cascade = plan.build_cascade()
+    cascade.load_state_dict(torch.load(checkpoint_file, map_location="cpu", weights_only=False)["model"])
+    return tracker.log_pytorch_model(CascadeScorer(cascade).eval(), example_batch(plan))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# progress on the driver
+
+
+class DriverProgress:
+    """The run's progress on the driver, from Ray Train's reports.
+
+    A ``UserCallback`` in the Train controller puts rank 0's report (global step, day, loss, samples/s)
+    on a ``ray.util.queue.Queue``; a driver thread takes them off and draws one tqdm bar (steps of all
+    workers, shown as samples, with ETA and the last day's samples/s) on a terminal, or logs one line per
+    training day elsewhere. Progress moves at each report: each day, and each mid-day checkpoint.
+    """
+
+    def __init__(self, plan: RunPlan, enabled: bool = True):
+        self.plan, self.enabled = plan, enabled
+        train = plan.config.train
+        self.per_step = plan.config.data.batch_size * train.num_workers
+        cap = plan.config.data.max_rows_per_day
+        rows = [min(plan.rows_per_day.get(d, 0), cap or sys.maxsize) for d in plan.train_days]
+        self.total = sum(-(-r // self.per_step) for r in rows)
+        self.queue = self.thread = self.bar = None
+        self.t0 = time.perf_counter()
+
+    def callbacks(self) -> list:
+        if not self.enabled:
+            return []
+        from ray.train import UserCallback
+
+        sink = self.queue
+
+        class ReportToDriver(UserCallback):
+            def after_report(self, run_context, metrics, checkpoint):
+                if metrics:
+                    sink.put_nowait(dict(metrics[0]))
+
+        return [ReportToDriver()]
+
+    def __enter__(self) -> DriverProgress:
+        if self.enabled:
+            from ray.util.queue import Queue
+
+            self.queue = Queue(actor_options={"num_cpus": 0})
+            if sys.stderr.isatty():
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=self.total * self.per_step, unit="sample", unit_scale=True,
+                                desc=self.plan.run_name, dynamic_ncols=True, leave=True)
+            self._stop = threading.Event()
+            self.thread = threading.Thread(target=self._drain, name="cascadelab-progress", daemon=True)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.enabled:
+            return
+        self._stop.set()
+        self.thread.join(timeout=10)
+        if self.bar is not None:
+            self.bar.close()
+        self.queue.shutdown()
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                self.show(self.queue.get(timeout=0.5))
+            except queue_module.Empty:
+                if self._stop.is_set():
+                    return
+            except Exception:  # noqa: BLE001 - the queue actor is gone: the run ended
+                return
+
+    def show(self, report: dict) -> None:
+        """One report: the bar moved to its global step, or a line for a finished training day."""
+        step = int(report.get("global_step", 0))
+        done = min(step, self.total)
+        elapsed = time.perf_counter() - self.t0
+        if self.bar is not None:
+            self.bar.update(done * self.per_step - self.bar.n)
+            if "samples_per_s" in report and "train_loss" in report:
+                self.bar.set_postfix(day=report.get("day"), loss=f"{report['train_loss']:.4f}",
+                                     day_rate=f"{report['samples_per_s']:.0f}/s")
+            return
+        if "train_loss" not in report or "joint_recall" in report:
+            return
+        eta = elapsed / done * (self.total - done) if done else float("nan")
+        log.info("%s: day %s done (%d/%d steps): loss %.4f, %.0f samples/s, ETA %s", self.plan.run_name,
+                 report.get("day"), done, self.total, report["train_loss"], report.get("samples_per_s", 0.0),
+                 _clock(eta))
+
+
+def _clock(seconds: float) -> str:
+    if seconds != seconds:
+        return "?"
+    return time.strftime("%M:%S" if seconds < 3600 else "%H:%M:%S", time.gmtime(max(seconds, 0.0)))
 
 
 def worker_failure(exc: BaseException) -> ShardError | None:

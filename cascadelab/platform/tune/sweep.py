@@ -386,6 +386,21 @@ def _finished_run_metrics(cfg: CascadeConfig, run_name: str) -> dict[str, float]
     return None
 
 
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.=,+-]+")
+
+
+def trial_run_name(plan: dict[str, Any], cfg: CascadeConfig, point: dict[str, Any], trial_id: str) -> str:
+    """The name of a trial's run (MLflow and Ray Train), stable across restarts of the trial: what
+    differs, then the trial id (unique across sweeps), e.g. ``dftopk-tau=5-seed=0-1a2b3_00004``
+    (each grid key by its last part). Sweeps stored before names said what differs keep
+    ``<sweep>-<trial id>``."""
+    if plan.get("run_names") != "point":
+        return f"{plan['name']}-{trial_id}"
+    parts = [f"{k.rsplit('.', 1)[-1]}={yaml_value(point[k])}" for k in plan["keys"] if k != "objective.name"]
+    text = _UNSAFE.sub("", "-".join([cfg.objective.name, *parts]))[:80]
+    return f"{text}-{trial_id}"
+
+
 def run_trial(config: dict[str, Any], plan: dict[str, Any]) -> None:
     """Tune function trainable: build this grid point's config and train it with Ray Train."""
     from ray import tune
@@ -394,8 +409,8 @@ def run_trial(config: dict[str, Any], plan: dict[str, Any]) -> None:
     from cascadelab.platform.train.run import run_training  # lazily, as Ray: the worker loop imports Ray Data
 
     trial_id = tune.get_context().get_trial_id()
-    run_name = f"{plan['name']}-{trial_id}"  # no timestamp: a restarted trial finds its run again
     cfg = trial_config(plan, config)
+    run_name = trial_run_name(plan, cfg, config, trial_id)  # no timestamp: a restarted trial finds its run again
     done = _finished_run_metrics(cfg, run_name)
     if done is not None:
         log.info("trial %s: MLflow run %s already finished; reporting its final metrics", trial_id, run_name)
@@ -404,7 +419,7 @@ def run_trial(config: dict[str, Any], plan: dict[str, Any]) -> None:
     _drop_orphan_run(cfg, run_name)
     run_training(cfg, tags={"mlflow.parentRunId": plan["parent_run_id"], "cascadelab.trial_id": trial_id,
                             "cascadelab.sweep_trial": plan["name"]},
-                 callbacks=[TuneReportCallback()], run_name=run_name)
+                 callbacks=[TuneReportCallback()], run_name=run_name, progress=False)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -491,24 +506,37 @@ def _tuner(spec: SweepSpec, plan: dict[str, Any], path: str, mct: int, resume: b
     return tune.Tuner(trainable, param_space={k: tune.grid_search(v) for k, v in spec.grid.items()},
                       tune_config=_tune_config(spec, mct),
                       run_config=tune.RunConfig(name=spec.name, storage_path=path.rsplit("/", 1)[0],
-                                                verbose=0, callbacks=[_progress_callback(spec.name)]))
+                                                verbose=0,
+                                                callbacks=[_progress_callback(spec.name, len(spec.configs))]))
 
 
-def _progress_callback(name: str):
-    """A Tune callback that logs one line per trial start and end (in place of Tune's status tables)."""
+def _progress_callback(name: str, total: int):
+    """A Tune callback that logs one line per trial end, ``n/N trials done, ETA`` (in place of Tune's
+    status tables; the ETA is the mean time per ended trial times the trials left)."""
+    import time
+
     from ray.tune import Callback
 
     class ProgressLog(Callback):
+        def __init__(self):
+            self.t0, self.done = time.perf_counter(), 0
+
         def on_trial_start(self, iteration, trials, trial, **info):
-            log.info("sweep %s: trial %s started (%s)", name, trial.trial_id, _point_str(trial.config))
+            log.debug("sweep %s: trial %s started (%s)", name, trial.trial_id, _point_str(trial.config))
+
+        def _ended(self, trial, how: str) -> None:
+            self.done += 1
+            elapsed = time.perf_counter() - self.t0
+            eta = elapsed / self.done * (total - self.done)
+            log.info("sweep %s: %d/%d trials done, ETA %s (trial %s %s)", name, self.done, total,
+                     time.strftime("%H:%M:%S", time.gmtime(eta)), trial.trial_id, how)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             score = (trial.last_result or {}).get("joint_recall")
-            log.info("sweep %s: trial %s %s", name, trial.trial_id,
-                     "stopped early" if score is None else f"finished, joint_recall {score:.4f}")
+            self._ended(trial, "stopped early" if score is None else f"finished, joint_recall {score:.4f}")
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            log.error("sweep %s: trial %s failed; see %s", name, trial.trial_id, trial.path)
+            self._ended(trial, f"failed; see {trial.path}")
 
     return ProgressLog()
 
@@ -527,19 +555,19 @@ def _status(result) -> str:
     return "UNFINISHED" if metrics else "NOT_STARTED"
 
 
-def _trial_rows(grid, keys: list[str], runs: dict[str, tuple[str, str]], name: str,
+def _trial_rows(grid, keys: list[str], runs: dict[str, tuple[str, str, str]],
                 metrics_shown: list[str]) -> list[dict[str, Any]]:
     """One row per trial: id, status, grid values, the final ``metrics_shown``, MLflow run (``runs``:
-    name -> id, status)."""
+    trial id -> run name, id, status)."""
     rows = []
     for result in grid:
         metrics = result.metrics or {}
         trial_id = metrics.get("trial_id", "")  # absent only for a trial that never reported
-        run_id, run_status = runs.get(f"{name}-{trial_id}", ("", ""))
+        run_name, run_id, run_status = runs.get(trial_id, ("", "", ""))
         rows.append({"trial_id": trial_id, "status": _status(result),
                      **{k: (result.config or {}).get(k) for k in keys},
                      **{m: metrics[m] for m in metrics_shown if m in metrics},
-                     "run_name": f"{name}-{trial_id}", "run_id": run_id, "mlflow_status": run_status})
+                     "run_name": run_name, "run_id": run_id, "mlflow_status": run_status})
     return rows
 
 
@@ -571,7 +599,7 @@ def _start_ray(spec: SweepSpec, path: str) -> int:
 
 def _open_parent(spec: SweepSpec, uri: str, experiment: str, path: str) -> tuple[dict[str, Any], Tracker]:
     """Create the parent run (params: the sweep config) and store the trials' plan on it for --resume."""
-    plan = {"name": spec.name, "cwd": os.getcwd(), "keys": list(spec.grid),
+    plan = {"name": spec.name, "cwd": os.getcwd(), "keys": list(spec.grid), "run_names": "point",
             "base": layered(spec.base, {"tracking": {"uri": uri}, "train": {"storage_path": f"{path}/train"}})}
     params = flatten({"base": spec.base, "grid": spec.grid, "asha": asdict(spec.asha) if spec.asha else None,
                       "max_concurrent_trials": spec.max_concurrent_trials})
@@ -584,8 +612,9 @@ def _open_parent(spec: SweepSpec, uri: str, experiment: str, path: str) -> tuple
 
 def _summarise(grid, spec: SweepSpec, parent: Tracker, path: str) -> SweepResult:
     shown = [*spec.metric_names(), *SUMMARY_EXTRA]
-    runs = {r.info.run_name: (r.info.run_id, r.info.status) for r in parent.children()}
-    rows = _trial_rows(grid, list(spec.grid), runs, spec.name, shown)
+    runs = {r.data.tags.get("cascadelab.trial_id", ""): (r.info.run_name, r.info.run_id, r.info.status)
+            for r in parent.children()}
+    rows = _trial_rows(grid, list(spec.grid), runs, shown)
     for row in rows:  # stopped by ASHA: Tune ended the trial before (or while) its run could end
         if row["status"] == "STOPPED" and row["run_id"] and row["mlflow_status"] != "KILLED":
             child = Tracker(parent.uri, row["run_id"])

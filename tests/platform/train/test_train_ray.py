@@ -54,6 +54,51 @@ def test_training_run_is_tracked_in_mlflow(clean_run, env):
     assert {"config.yaml", "checkpoint"} <= artifacts
 
 
+def test_the_run_shows_its_dataset_source_resolved_config_and_system_metrics(clean_run, env):
+    client = mlflow.MlflowClient(env["uri"])
+    run = client.get_run(clean_run.run_id)
+    (ds,) = run.inputs.dataset_inputs
+    assert ds.dataset.name == env["data"].name and str(env["data"]) in ds.dataset.source
+    assert '"rows": 576' in ds.dataset.profile and '"rank_pos_items"' in ds.dataset.schema  # 3 days x 192
+    assert len(ds.dataset.digest) == 16
+    tags, params = run.data.tags, run.data.params
+    assert tags["cascadelab.command"] and "mlflow.source.name" in tags
+    assert params["data.eval_day"] == "2024-01-15" and params["train.use_gpu"] == "false"
+    assert params["data.path"] == str(env["data"].resolve()) and "train.fail_at_step" not in params
+    # per-day series hold per-day values; the run's rate has its own name
+    assert [m.step for m in client.get_metric_history(clean_run.run_id, "samples_per_s")] == [0, 1]
+    assert run.data.metrics["samples_per_s_total"] == pytest.approx(clean_run.metrics["samples_per_s"])
+    assert any(k.startswith("system/cpu_utilization") for k in run.data.metrics)
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_the_logged_model_scores_a_batch_and_cascadelab_score_writes_top_k(clean_run, env, tmp_path):
+    import json
+
+    import mlflow.pytorch
+
+    from cascadelab.cli import main
+
+    run = mlflow.MlflowClient(env["uri"]).get_run(clean_run.run_id)
+    assert run.outputs.model_outputs  # the Models column
+    mlflow.set_tracking_uri(env["uri"])
+    scorer = mlflow.pytorch.load_model(run.data.tags["cascadelab.model_uri"])
+    from cascadelab.platform.train.plan import plan_run
+    from cascadelab.platform.train.run import example_batch
+
+    batch = example_batch(plan_run(_cfg(env["data"], env["uri"], env["storage"])))
+    scores = scorer(batch)
+    assert set(scores) == {"retrieval", "ranking"} and scores["ranking"].shape == batch["mask"].shape
+    out = tmp_path / "scores.jsonl"
+    assert main(["score", "--run", clean_run.run_name, "--experiment", "it", "--tracking-uri", env["uri"],
+                 "--data", str(env["data"]), "--out", str(out)]) == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) == 192 and lines[0]["day"] == "2024-01-15"
+    assert len(lines[0]["retrieval"]) == 30 and len(lines[0]["ranking"]) == 20
+    assert set(lines[0]["ranking"]) <= set(lines[0]["retrieval"])  # ranking re-ranks what retrieval kept
+
+
 def test_worker_failure_is_recovered_without_skipping_or_repeating_data(clean_run, env, ray_local):
     from cascadelab.platform.train.run import run_training
 
@@ -77,6 +122,7 @@ def test_interrupted_run_resumes_by_name(env, ray_local):
     runs = mlflow.search_runs(experiment_names=["it"], filter_string="attributes.status = 'FAILED'",
                               output_format="list")
     name = runs[0].info.run_name
+    assert "injected failure" in runs[0].data.tags["cascadelab.error"]  # the FAILED run says why
     cfg = load_run_config(env["uri"], "it", name)
     resumed = run_training(cfg, resume=name)
     assert resumed.run_name == name and resumed.run_id == runs[0].info.run_id

@@ -218,7 +218,7 @@ def test_a_four_stage_sweep_reports_and_guards_every_stage():
     stages = ("retrieval", "prerank1", "prerank2", "ranking")
     final = {"trial_id": "t1", "joint_recall": 0.5, **{f"{s}_{m}": 0.1 for s in stages for m in ("recall", "ndcg")}}
     (row,) = _trial_rows([SimpleNamespace(metrics=final, config={"train.seed": 0}, error=None)], ["train.seed"],
-                         {}, "s", spec.metric_names())
+                         {}, spec.metric_names())
     assert {"prerank1_recall", "prerank1_ndcg", "prerank2_recall", "prerank2_ndcg"} <= set(row)
     with pytest.raises(ConfigError, match="'prerank2_recall' is only reported when a trial ends"):
         parse_sweep({"base": {"stages": FOUR}, "grid": {"train.seed": [0, 1]}, "asha": {"metric": "prerank2_recall"}},
