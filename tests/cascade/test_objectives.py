@@ -7,6 +7,7 @@ import torch
 from cascadelab.cascade.cascade import Cascade
 from cascadelab.cascade.metrics import finalize, metric_sums
 from cascadelab.cascade.objectives import OBJECTIVES, build_objective
+from cascadelab.operators import get_operator
 from cascadelab.platform.config import ObjectiveConfig
 from tests.cascade.helpers import VOCAB, random_batch
 
@@ -139,3 +140,26 @@ def test_training_raises_joint_recall(name):
 def test_training_raises_joint_recall_three_stage_smoke(name):
     before, after = _train(name, THREE, 25)
     assert after > before + 0.3, (before, after)
+
+
+@pytest.mark.parametrize("objective,keyword,operator,hyperparam", [
+    ("dftopk", "tau", "dftopk", "tau"),
+    ("lapsum", "lapsum_alpha", "lapsum", "alpha"),
+    ("sparse-topk", "sparse_topk_l", "sparse-topk", "l"),
+    ("lcron", "lcron_tau", "neuralsort", "tau"),
+    ("lcron", "diffsort_steepness", "diffsort", "steepness"),
+])
+def test_objective_defaults_are_the_operator_signature_defaults(objective, keyword, operator, hyperparam):
+    fn = get_operator(operator).fn
+    want = inspect.signature(fn).parameters[hyperparam].default
+    assert inspect.signature(OBJECTIVES[objective].__init__).parameters[keyword].default == want
+    built = build_objective(objective, 2, {})
+    assert want in vars(built).values()  # and the built objective uses it
+
+
+def test_config_defaults_are_the_objective_defaults():
+    config = dataclasses.asdict(ObjectiveConfig())
+    for cls in OBJECTIVES.values():
+        for name, param in inspect.signature(cls.__init__).parameters.items():
+            if name in config and param.default is not inspect.Parameter.empty:
+                assert config[name] == param.default, (cls.__name__, name)

@@ -5,7 +5,7 @@ operator, batch size B and list length N (k = N // 2):
 
 * one timed step = forward + loss + backward, no optimizer. Inputs are drawn once and reused (a fresh
   leaf per step); unlike the paper's script, input generation and the toy DSSM are not timed: only the
-  operator and its loss are measured. ``warmup`` untimed steps, then ``steps`` timed ones
+  operator and its loss are timed. ``warmup`` untimed steps, then ``steps`` timed ones
   (``time.perf_counter`` on CPU; CUDA events + synchronize on CUDA); median and mean ms per step.
 * top-k operators: BCE against a random hard top-k label (k random positions per row set to 1).
   floor / dftopk / dftopk-official-style: the soft mask (a sigmoid) and ``F.binary_cross_entropy`` on

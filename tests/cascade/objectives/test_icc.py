@@ -53,3 +53,16 @@ def test_objective_is_pairwise_loss_of_fused_score():
     e = icc_fused_score(scores, [2, 1], batch.mask, 1.0, 1.0)
     assert torch.allclose(out.loss, pairwise_logistic(e, batch.label, batch.mask))
     assert set(out.components) == {"icc_pairwise"}
+
+
+def test_gates_are_the_dftopk_mask_including_short_requests():
+    from cascadelab.operators import SATURATION_MARGIN, dftopk
+
+    # row 1 has 2 valid candidates for a cut of 3: both pass, the weaker at logit +SATURATION_MARGIN
+    s_r = t([[3.0, 1.0, 2.0, 0.0], [1.0, 4.0, 9.0, 9.0]])
+    s_p = t([[0.5, 2.0, 1.0, 4.0], [2.0, 1.0, 9.0, 9.0]])
+    mask = torch.tensor([[True] * 4, [True, True, False, False]])
+    e = icc_fused_score([s_r, s_p], [3, 1], mask, temperature=1.0, stage_scale=1.0)
+    g_r, g_p = dftopk(s_r, 3, 1.0, mask=mask), dftopk(s_p, 1, 1.0, mask=mask)
+    assert torch.allclose(e, (1 - g_r) * s_r + g_r * g_p * s_p)
+    assert math.isclose(g_r[1, 0].item(), sig(SATURATION_MARGIN), rel_tol=1e-12)
