@@ -14,6 +14,7 @@ from cascadelab import cli
 from cascadelab.jobs import convert
 from cascadelab.jobs.common import run_main
 from cascadelab.platform.data.schema import DatasetMeta, day_dir
+from tests.platform.data.diskfull import ENOSPC_REASON, fill_parquet_writes
 from tests.platform.data.recflow_fixture import DAYS, write_recflow_fixture
 
 REPO = Path(__file__).resolve().parents[2]
@@ -96,3 +97,13 @@ def test_standalone_module(release, tmp_path):
 
 def test_registered_cli(release, tmp_path):
     assert cli.main(["convert", "recflow", "--src", str(release), "--out", str(tmp_path / "o")]) == 0
+
+
+def test_disk_full_is_a_one_line_error_naming_the_file(release, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "o"
+    fill_parquet_writes(monkeypatch, lambda p: p.parent.name == f".tmp-day={DAYS[1]}")
+    assert _run(["convert", "recflow", "--src", str(release), "--out", str(out)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("cascadelab:")]
+    assert errors == [f"cascadelab: error: '{out / f'.tmp-day={DAYS[1]}' / 'part-00000.parquet'}': could not be "
+                      f"written ({ENOSPC_REASON})"]
+    assert DatasetMeta.read(out).days == [DAYS[0]] and not day_dir(out, DAYS[1]).exists()

@@ -59,6 +59,7 @@ from cascadelab.platform.data.daywriter import DayWriter
 from cascadelab.platform.data.schema import (
     ID_VOCAB_FIELDS,
     ITEM_FIELDS,
+    MAX_GRADE,
     METADATA_FILE,
     SEQ_FIELDS,
     SEQ_LEN,
@@ -70,6 +71,7 @@ from cascadelab.platform.data.schema import (
     day_dir,
     groups_for,
     stored_groups,
+    write_error,
 )
 from cascadelab.platform.data.slimpickle import load_trimmed
 from cascadelab.platform.data.timefeat import local_time_features
@@ -80,7 +82,6 @@ SOURCE = "recflow"
 CHUNK = 8192  # requests per numpy buffer
 SLICE = 1 << 16  # all_stage rows handled at once (a release file may hold one huge record batch)
 ROWS_PER_FILE = 32768
-MAX_GRADE = 30.0  # positive label = MAX_GRADE - (re)rank_index
 NEG_GRADES = {"rerank_neg": 8.0, "rank_neg": 7.0, "coarse_neg": 6.0, "prerank_neg": 5.0}
 POS_INDEX = {"rank_pos": "rank_index", "rerank_pos": "rerank_index"}  # positive group -> index column
 
@@ -476,38 +477,59 @@ def convert_day(layout: RecFlowLayout, day: str, mode: str, writer: DayWriter, c
     the writer's temporary directory while the behaviour dict is loaded, then read back chunk by chunk
     beside the candidate dict; the caller commits the writer."""
     schema = arrow_schema(mode)
-    groups = stored_groups(mode)
     ids = _IdStats()
-    fpath = layout.all_stage(day)
-    reqs, lookups, conflicts = read_all_stage(fpath, mode)
+    reqs, lookups, conflicts = read_all_stage(layout.all_stage(day), mode)
     rids = reqs["request_id"].tolist()
-    req_cols: dict[str, np.ndarray] = {"request_id": reqs["request_id"].to_numpy()}
-    for name in USER_COLUMNS:
-        v = reqs[name].to_numpy()
-        ids.update(name, v, fpath)
-        req_cols[name] = v + 1
-    ts = reqs["request_timestamp"].to_numpy()
-    wd, hr, mi = local_time_features(ts)
-    req_cols.update(request_ts=ts, req_weekday=wd + 1, req_hour=hr + 1, req_minute=mi + 1)
+    req_cols = _request_columns(reqs, layout.all_stage(day), ids)
     del reqs
     _release_memory()
-
-    seq_path = layout.seq(day)
-    seq_schema = pa.schema([schema.field("seq_items"), schema.field("seq_mask")])
     spill = writer.tmp / SPILL_FILE
-    seq_dict = _load_pickle(seq_path, "a dict {request_id: int array [50, 10]}")
-    with ipc.new_file(str(spill), seq_schema) as sink:
-        for items, mask in _sequence_chunks(seq_dict, rids, seq_path, schema, ids, chunk):
-            sink.write_batch(pa.record_batch([items, mask], schema=seq_schema))
-    del seq_dict
+    _spill_sequences(layout.seq(day), rids, schema, ids, chunk, spill)
     _release_memory()
-
     req_path = layout.requests(day)
     req_dict = _load_pickle(req_path, "a dict {request_id: {stage: int array [n, 8]}}", max_rows=SLOTS)
-    misses = {g: 0 for g in groups if g in POS_INDEX}
+    misses = {g: 0 for g in stored_groups(mode) if g in POS_INDEX}
+    cands = _candidate_chunks(req_dict, rids, req_path, schema, stored_groups(mode), lookups, ids, chunk, misses)
+    _write_rows(writer, schema, req_cols, spill, cands, chunk)
+    spill.unlink()
+    del req_dict, lookups, cands
+    gc.collect()
+    return DayResult(writer.rows, misses, conflicts, dict(ids.max))
+
+
+def _request_columns(reqs: pd.DataFrame, path: Path, ids: _IdStats) -> dict[str, np.ndarray]:
+    """The request columns of REQUEST_FIELDS: user fields shifted +1, time features in Asia/Shanghai."""
+    cols: dict[str, np.ndarray] = {"request_id": reqs["request_id"].to_numpy()}
+    for name in USER_COLUMNS:
+        v = reqs[name].to_numpy()
+        ids.update(name, v, path)
+        cols[name] = v + 1
+    ts = reqs["request_timestamp"].to_numpy()
+    wd, hr, mi = local_time_features(ts)
+    cols.update(request_ts=ts, req_weekday=wd + 1, req_hour=hr + 1, req_minute=mi + 1)
+    return cols
+
+
+def _spill_sequences(seq_path: Path, rids: list, schema: pa.Schema, ids: _IdStats, chunk: int,
+                     spill: Path) -> None:
+    """Load the behaviour dict and write its sequence columns, one record batch per chunk of ``rids``, to
+    the Arrow IPC file ``spill``; the dict is freed on return."""
+    seq_schema = pa.schema([schema.field("seq_items"), schema.field("seq_mask")])
+    seq_dict = _load_pickle(seq_path, "a dict {request_id: int array [50, 10]}")
+    try:
+        with ipc.new_file(str(spill), seq_schema) as sink:
+            for items, mask in _sequence_chunks(seq_dict, rids, seq_path, schema, ids, chunk):
+                sink.write_batch(pa.record_batch([items, mask], schema=seq_schema))
+    except OSError as exc:
+        raise write_error(spill, exc) from None
+
+
+def _write_rows(writer: DayWriter, schema: pa.Schema, req_cols: dict[str, np.ndarray], spill: Path,
+                cands: Iterator[dict[str, pa.Array]], chunk: int) -> None:
+    """Append each chunk's rows to ``writer``: its request columns, its sequence batch read back from
+    ``spill`` and its candidate columns from ``cands``."""
     with pa.OSFile(str(spill)) as f:  # plain reads (not a memory map): each chunk's buffers are freed
         reader = ipc.open_file(f)
-        cands = _candidate_chunks(req_dict, rids, req_path, schema, groups, lookups, ids, chunk, misses)
         for i, cand in enumerate(cands):
             start = i * chunk
             seq_batch = reader.get_batch(i)
@@ -515,10 +537,6 @@ def convert_day(layout: RecFlowLayout, day: str, mode: str, writer: DayWriter, c
             cols = {name: pa.array(v[start:start + n]) for name, v in req_cols.items()}
             cols.update(seq_items=seq_batch.column(0), seq_mask=seq_batch.column(1), **cand)
             writer.write(pa.Table.from_pydict({fld.name: cols[fld.name] for fld in schema}, schema=schema))
-    spill.unlink()
-    del req_dict, lookups
-    gc.collect()
-    return DayResult(writer.rows, misses, conflicts, dict(ids.max))
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -566,11 +584,55 @@ def _vocab(id_cnt: dict[str, int], max_ids: dict[str, int], prev: dict[str, int]
     return {f: max(id_cnt.get(f, 0), max_ids.get(f, -1) + 1, prev.get(f, 0)) for f in ID_VOCAB_FIELDS}
 
 
+def _check_inputs(layout: RecFlowLayout, days: list[str], mode: str) -> None:
+    """Fail before converting anything when a day's file is absent or all_stage lacks a column."""
+    columns = _required_columns(mode)
+    for day in days:
+        _check_feather(layout.all_stage(day), columns)
+        for p, what in ((layout.seq(day), "the day's seq_effective_50_dict pickle"),
+                        (layout.requests(day), "the day's request_id_dict pickle")):
+            if not p.is_file():
+                raise DataError(f"'{p}' is missing: expected {what}")
+
+
+def _open_output(root: Path, mode: str, layout: RecFlowLayout,
+                 id_cnt: dict[str, int]) -> tuple[DatasetMeta | None, DatasetMeta]:
+    """(the output's previous metadata or None, the metadata to extend): the output directory created,
+    a dataset of another source or mode refused."""
+    if root.exists() and not root.is_dir():
+        raise DataError(f"output '{root}' exists and is not a directory")
+    prev = _existing_meta(root, mode) if root.is_dir() else None
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_error(root, exc) from None
+    meta = prev or DatasetMeta(mode=mode, source=SOURCE)
+    meta.extra.update(src=str(layout.root), id_cnt=id_cnt)
+    meta.extra.setdefault("lookup_misses", {})
+    meta.extra.setdefault("duplicate_request_rows", {})
+    meta.vocab = _vocab(id_cnt, {}, meta.vocab)
+    return prev, meta
+
+
+def _record_day(meta: DatasetMeta, day: str, res: DayResult, id_cnt: dict[str, int], mode: str) -> None:
+    """Add a committed day to ``meta``: its rows, the vocabulary grown to its ids, its lookup misses."""
+    meta.days = sorted(set(meta.days) | {day})
+    meta.rows_per_day = dict(sorted({**meta.rows_per_day, day: res.rows}.items()))
+    meta.vocab = _vocab(id_cnt, res.max_ids, meta.vocab)
+    extra = meta.extra
+    extra["lookup_misses"][day] = res.misses
+    extra["duplicate_request_rows"][day] = res.conflicts
+    extra["lookup_misses_total"] = {g: sum(m.get(g, 0) for m in extra["lookup_misses"].values())
+                                    for g in stored_groups(mode) if g in POS_INDEX}
+
+
 def convert_recflow(src: str | Path, out: str | Path, days: list[str] | None = None, mode: str = "two_stage",
                     force: bool = False, rows_per_file: int = ROWS_PER_FILE, chunk: int = CHUNK) -> DatasetMeta:
     """Convert ``days`` (default: every day in all_stage/) of the RecFlow release under ``src`` into the
     project's Parquet dataset at ``out``; returns its metadata. Days already converted are skipped unless
-    ``force``. A failing day raises DataError and leaves ``out`` as it was after the previous day."""
+    ``force``. Each day is committed atomically (``DayWriter``) and then recorded in ``dataset.json``: a
+    failing day (bad input, a full disk) raises DataError naming the path and leaves ``out`` as it was
+    after the previous day, a previous version of the failing day included."""
     groups_for(mode)  # validates the mode
     layout = find_layout(src)
     days = select_days(layout, days)
@@ -578,52 +640,27 @@ def convert_recflow(src: str | Path, out: str | Path, days: list[str] | None = N
     missing = [f for f in ID_VOCAB_FIELDS if f not in id_cnt]
     if missing:
         log.warning("'%s' has no count for %s; their vocabulary comes from the ids seen", layout.id_cnt, missing)
-    columns = _required_columns(mode)
-    for day in days:  # fail before converting anything when a file is absent or lacks a column
-        _check_feather(layout.all_stage(day), columns)
-        for p, what in ((layout.seq(day), "the day's seq_effective_50_dict pickle"),
-                        (layout.requests(day), "the day's request_id_dict pickle")):
-            if not p.is_file():
-                raise DataError(f"'{p}' is missing: expected {what}")
-
+    _check_inputs(layout, days, mode)
     root = Path(out)
-    if root.exists() and not root.is_dir():
-        raise DataError(f"output '{root}' exists and is not a directory")
-    prev = _existing_meta(root, mode) if root.is_dir() else None
-    root.mkdir(parents=True, exist_ok=True)
-    meta = prev or DatasetMeta(mode=mode, source=SOURCE)
-    extra = meta.extra
-    extra.update(src=str(layout.root), id_cnt=id_cnt)
-    extra.setdefault("lookup_misses", {})
-    extra.setdefault("duplicate_request_rows", {})
-    meta.vocab = _vocab(id_cnt, {}, meta.vocab)
-
+    prev, meta = _open_output(root, mode, layout, id_cnt)
     t_all = time.perf_counter()
     for day in tqdm(days, desc="convert recflow", unit="day", leave=False):
-        if not force:
-            rows = _complete_rows(root, day, mode, prev)
-            if rows is not None:
-                log.info("day %s already converted (%d requests) in '%s'; skipped (pass --force to rewrite)",
-                         day, rows, day_dir(root, day))
-                continue
+        rows = None if force else _complete_rows(root, day, mode, prev)
+        if rows is not None:
+            log.info("day %s already converted (%d requests) in '%s'; skipped (pass --force to rewrite)",
+                     day, rows, day_dir(root, day))
+            continue
         t0 = time.perf_counter()
         with DayWriter(root, day, arrow_schema(mode), rows_per_file) as writer:
             res = convert_day(layout, day, mode, writer, chunk)
-            n = writer.commit()
-        meta.days = sorted(set(meta.days) | {day})
-        meta.rows_per_day = dict(sorted({**meta.rows_per_day, day: n}.items()))
-        meta.vocab = _vocab(id_cnt, res.max_ids, meta.vocab)
-        extra["lookup_misses"][day] = res.misses
-        extra["duplicate_request_rows"][day] = res.conflicts
-        extra["lookup_misses_total"] = {
-            g: sum(m.get(g, 0) for m in extra["lookup_misses"].values())
-            for g in stored_groups(mode) if g in POS_INDEX}
+            res.rows = writer.commit()
+        _record_day(meta, day, res, id_cnt, mode)
         meta.write(root)
         if any(res.misses.values()):
             log.warning("day %s: %s positive candidates not found among the all_stage rows of their group; "
                         "their slots are masked out", day, res.misses)
-        log.info("converted %s: %d requests to '%s' in %.1fs, peak RSS %.0f MiB", day, n, day_dir(root, day),
-                 time.perf_counter() - t0, peak_rss_mib())
+        log.info("converted %s: %d requests to '%s' in %.1fs, peak RSS %.0f MiB", day, res.rows,
+                 day_dir(root, day), time.perf_counter() - t0, peak_rss_mib())
         gc.collect()
     meta.write(root)
     log.info("RecFlow -> '%s': %d days (%s) in %.1fs, peak RSS %.0f MiB", root, len(meta.days), mode,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
+import re
 import shutil
 import time
 from pathlib import Path
@@ -28,6 +30,7 @@ from cascadelab.platform.data.schema import (
     day_dir,
     stored_groups,
 )
+from tests.platform.data.diskfull import ENOSPC_REASON, fill_ipc_writes, fill_parquet_writes
 from tests.platform.data.recflow_fixture import DAYS, MISSES, SPECIAL_RID, write_recflow_fixture
 
 VOCAB = {"user_id": 20, "device_id": 15, "age": 8, "gender": 3, "province": 34,
@@ -340,3 +343,65 @@ def test_candidate_pickle_with_foreign_objects_is_refused(src, tmp_path):
     with pytest.raises(DataError, match=r"request_id_dict/2024-01-13\.pkl': refers to 'pandas\..*', expected only "
                                         r"NumPy arrays .*; expected a dict"):
         convert_recflow(src, tmp_path / "o")
+
+
+# ---------------------------------------------------------------------------------------------- disk full
+
+
+def _leftovers(out: Path) -> list[str]:
+    return sorted(p.name for p in [*out.glob(".tmp-*"), *out.glob(".old-*"), *out.glob("*.tmp")])
+
+
+def test_disk_full_on_a_day_keeps_the_finished_days_and_resumes(src, tmp_path, monkeypatch):
+    out = tmp_path / "o"
+    seen = fill_parquet_writes(monkeypatch, lambda p: p.parent.name == f".tmp-day={DAYS[1]}")
+    with pytest.raises(DataError) as exc:
+        convert_recflow(src, out, rows_per_file=16)
+    assert str(exc.value) == (f"'{out / f'.tmp-day={DAYS[1]}' / 'part-00000.parquet'}': could not be written "
+                              f"({ENOSPC_REASON})")
+    assert seen[-1].parent.name == f".tmp-day={DAYS[1]}"
+    meta = DatasetMeta.read(out)
+    assert meta.days == [DAYS[0]] and meta.rows_per_day == {DAYS[0]: 30}  # dataset.json: the failed day absent
+    assert not day_dir(out, DAYS[1]).exists() and _leftovers(out) == []
+    assert _table(out, DAYS[0]).num_rows == 30
+    monkeypatch.undo()
+    _age(out, DAYS[0])
+    before = _mtimes(out, DAYS[0])
+    meta = convert_recflow(src, out, rows_per_file=16)  # the rerun converts only the failed day
+    assert meta.days == list(DAYS) and _mtimes(out, DAYS[0]) == before and _table(out, DAYS[1]).num_rows == 30
+
+
+@pytest.mark.parametrize("fault", ["second part file", "sequence spill"])
+def test_disk_full_under_force_keeps_the_previous_version_of_the_day(src, tmp_path, monkeypatch, fault):
+    out = tmp_path / "o"
+    convert_recflow(src, out, days=[DAYS[0]], rows_per_file=16)
+    _age(out, DAYS[0])
+    before, meta_before = _mtimes(out, DAYS[0]), (out / "dataset.json").read_text()
+    if fault == "second part file":
+        fill_parquet_writes(monkeypatch, lambda p: p.name == "part-00001.parquet")
+        where = out / f".tmp-day={DAYS[0]}" / "part-00001.parquet"
+    else:
+        fill_ipc_writes(monkeypatch, after=1)
+        where = out / f".tmp-day={DAYS[0]}" / recflow.SPILL_FILE
+    with pytest.raises(DataError) as exc:
+        convert_recflow(src, out, days=[DAYS[0]], rows_per_file=16, chunk=8, force=True)
+    assert str(exc.value) == f"'{where}': could not be written ({ENOSPC_REASON})"
+    assert _mtimes(out, DAYS[0]) == before and _table(out, DAYS[0]).num_rows == 30
+    assert (out / "dataset.json").read_text() == meta_before and _leftovers(out) == []
+
+
+def test_disk_full_on_dataset_json_keeps_the_previous_one(src, tmp_path, monkeypatch):
+    out = tmp_path / "o"
+    convert_recflow(src, out, days=[DAYS[0]])
+    meta_before = (out / "dataset.json").read_text()
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, ENOSPC_REASON)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(DataError, match=rf"'{re.escape(str(out / 'dataset.json'))}': could not be written"):
+        convert_recflow(src, out, days=[DAYS[1]])
+    monkeypatch.undo()
+    assert (out / "dataset.json").read_text() == meta_before and _leftovers(out) == []
+    assert DatasetMeta.read(out).days == [DAYS[0]]  # the new day is on disk but not listed: a rerun redoes it
+    assert convert_recflow(src, out).days == list(DAYS)
