@@ -22,6 +22,7 @@ import time
 import urllib.error
 import urllib.request
 import warnings
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -212,19 +213,15 @@ class Tracker:
                          source=meta["source"], schema=meta["schema"], profile=json.dumps(profile))
         self.client.log_inputs(self.run_id, datasets=[DatasetInput(entity, [InputTag("mlflow.data.context", context)])])
 
-    def log_pytorch_model(self, module, example: dict[str, Any]) -> str:
+    def log_pytorch_model(self, module, example: dict[str, Any], output: dict[str, Any]) -> str:
         """``module`` (a ``torch.nn.Module`` taking a dict of tensors and returning a dict of tensors) as
-        the run's MLflow model ``model``, with the signature of ``example`` (name -> tensor); returns the
-        model URI ``mlflow.pytorch.load_model`` loads."""
+        the run's MLflow model ``model``, with the signature of ``example`` -> ``output`` (name -> numpy
+        array); returns the model URI ``mlflow.pytorch.load_model`` loads."""
         import mlflow
         import mlflow.pytorch
-        import torch
         from mlflow.models import infer_signature
 
-        with torch.no_grad():
-            output = module(example)
-        signature = infer_signature({k: v.numpy() for k, v in example.items()},
-                                    {k: v.numpy() for k, v in output.items()})
+        signature = infer_signature(example, output)
         mlflow.set_tracking_uri(self.uri)  # Model.log resolves the store from the fluent URI
         flavor_log = logging.getLogger("mlflow.pytorch")
         level = flavor_log.level
@@ -232,7 +229,7 @@ class Tracker:
         try:
             info = mlflow.pytorch.log_model(module, name=MODEL_NAME, signature=signature, run_id=self.run_id,
                                             serialization_format="pickle",  # the module itself; pt2 traces
-                                            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+                                            pip_requirements=[f"torch=={version('torch').split('+')[0]}"])
         finally:
             flavor_log.setLevel(level)
         self.set_tags({"cascadelab.model_uri": info.model_uri})

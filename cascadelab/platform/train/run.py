@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import yaml
+from tqdm import tqdm
 
 from cascadelab.cascade.cascade import SCORER_INPUTS, CascadeScorer
 from cascadelab.platform.cluster.storage import check_storage_path, uri_scheme
@@ -287,7 +288,11 @@ def log_cascade_model(tracker: Tracker, plan: RunPlan, checkpoint_file: Path) ->
     with the signature of an evaluation-day batch); returns its model URI."""
     cascade = plan.build_cascade()
     cascade.load_state_dict(torch.load(checkpoint_file, map_location="cpu", weights_only=False)["model"])
-    return tracker.log_pytorch_model(CascadeScorer(cascade).eval(), example_batch(plan))
+    scorer, example = CascadeScorer(cascade).eval(), example_batch(plan)
+    with torch.no_grad():
+        output = scorer(example)
+    return tracker.log_pytorch_model(scorer, {k: v.numpy() for k, v in example.items()},
+                                     {k: v.numpy() for k, v in output.items()})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -333,8 +338,6 @@ class DriverProgress:
 
             self.queue = Queue(actor_options={"num_cpus": 0})
             if sys.stderr.isatty():
-                from tqdm import tqdm
-
                 self.bar = tqdm(total=self.total * self.per_step, unit="sample", unit_scale=True,
                                 desc=self.plan.run_name, dynamic_ncols=True, leave=True)
             self._stop = threading.Event()

@@ -35,6 +35,7 @@ import math
 import os
 import re
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -513,8 +514,6 @@ def _tuner(spec: SweepSpec, plan: dict[str, Any], path: str, mct: int, resume: b
 def _progress_callback(name: str, total: int):
     """A Tune callback that logs one line per trial end, ``n/N trials done, ETA`` (in place of Tune's
     status tables; the ETA is the mean time per ended trial times the trials left)."""
-    import time
-
     from ray.tune import Callback
 
     class ProgressLog(Callback):
