@@ -6,18 +6,42 @@ day by day in date order (one Ray Dataset shard per day). Checkpoints after each
 batches of that day already trained, so a replaced worker group resumes exactly there (earlier batches
 of the day are read and skipped, never trained twice; the order is deterministic because training
 datasets are read with ``preserve_order``). With ``train.streaming_eval`` the model trained on the days
-before ``t`` is evaluated on day ``t`` (the papers' Figure 2 protocol). Rank 0 logs to MLflow
-(step = day index). Every rank calls ``ray.train.report`` the same number of times (it is a barrier).
-A failure of a day's data pipeline leaves the worker as a :class:`ShardError` naming the day.
-Ray is imported lazily (inside functions).
+before ``t`` is evaluated on day ``t`` (the papers' Figure 2 protocol). Every rank calls
+``ray.train.report`` the same number of times (it is a barrier). A failure of a day's data pipeline
+leaves the worker as a :class:`ShardError` naming the day; a checkpoint that cannot be written (a full
+disk) as a :class:`~cascadelab.platform.train.checkpoint.CheckpointWriteError` naming the file.
+
+Tracking: rank 0 logs each day's metrics to MLflow (step = day index) through a :class:`DayMetricsWriter`,
+a background thread, so training goes on while the tracking server is away. The days' metrics travel
+in every checkpoint and the writer skips days the run already has, so a resumed or restarted run logs
+each day exactly once. Each log call rides out an outage with MLflow's own HTTP retries: ``1 +
+MLFLOW_HTTP_REQUEST_MAX_RETRIES`` attempts (default 7 retries) with sleeps of ``BACKOFF_FACTOR *
+2**(i-1)`` seconds (``i >= 2``, each capped at 120 s, plus up to ``MLFLOW_HTTP_REQUEST_BACKOFF_JITTER``
+random seconds; the first retry is immediate): with the defaults (factor 2) 4 + 8 + ... + 64 + 120 =
+244 s for a server that refuses connections, and when the host does not answer at all each attempt
+also waits up to ``MLFLOW_HTTP_REQUEST_TIMEOUT`` (120 s) for its connection. An outage longer than that
+makes the worker raise :class:`TrackingUnavailable` (one line naming the server, the day and
+``--resume RUN``) at the next day boundary or at the end of training, after that day's checkpoint
+was committed; Ray Train counts it as a worker failure (``train.max_failures``), and a restarted group
+or ``--resume`` logs the missing days.
+
+Test hooks: ``CASCADELAB_TEST_HOOKS`` names a JSON file read by each worker at start
+(:class:`FaultHooks`): pause once at a global step (to kill a worker or a node at a known point), make
+one checkpoint write fail with ENOSPC, set environment variables in the worker (e.g. MLflow's retry
+settings). Unset, nothing changes.
+
+ray is imported lazily (inside functions).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import queue
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -33,10 +57,15 @@ from cascadelab.cascade.metrics import finalize, metric_sums
 from cascadelab.platform.data.ingest import ArrowToTorch
 from cascadelab.platform.data.schema import DataError
 from cascadelab.platform.tracking import Tracker
+from cascadelab.platform.train.checkpoint import (  # CHECKPOINT_FILE: the driver imports it from here
+    CHECKPOINT_FILE,  # noqa: F401
+    read_checkpoint,
+    write_checkpoint,
+)
 from cascadelab.platform.train.plan import RunPlan
 
 log = logging.getLogger(__name__)
-CHECKPOINT_FILE = "cascade.pt"
+HOOKS_ENV = "CASCADELAB_TEST_HOOKS"
 
 
 class InjectedFailure(RuntimeError):
@@ -85,6 +114,141 @@ def read_shard(batches: Iterable, day: str) -> Iterator:
         except Exception as exc:  # noqa: BLE001 - every failure of the pipeline is a failure of this day
             raise ShardError.from_failure(day, exc) from exc
         yield item
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server did not take day ``day``'s metrics (step ``step``) within MLflow's retries.
+
+    ``seconds``: how long the failed log call kept retrying; ``reason``: the client's error when the
+    server answered with one (empty when it could not be reached). Pickles with its fields.
+    """
+
+    def __init__(self, uri: str, day: str, step: int, seconds: float, reason: str, run_name: str):
+        what = f"refused ({reason})" if reason else "unreachable"
+        super().__init__(f"MLflow tracking server {uri} {what} for {seconds:.0f} s while logging the metrics "
+                         f"of day {day} (step {step}); checkpoints kept; rerun with --resume {run_name}")
+        self.uri, self.day, self.step, self.seconds = uri, day, step, seconds
+        self.reason, self.run_name = reason, run_name
+
+    def __reduce__(self):
+        return type(self), (self.uri, self.day, self.step, self.seconds, self.reason, self.run_name)
+
+
+def _client_error(exc: BaseException) -> str:
+    """The server's answer in an MLflow client error; empty when the server was not reached at all."""
+    text = str(exc)
+    if "Max retries exceeded" in text or isinstance(exc, ConnectionError):
+        return ""
+    return (text.strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
+class DayMetricsWriter:
+    """Rank 0's per-day metrics, logged in day order by a background thread (off the training path).
+
+    ``put(step, metrics)`` queues a day; a day the MLflow run already has (its ``train_loss`` at that
+    step, fetched once) is skipped, so re-queueing the days a checkpoint carries logs nothing twice.
+    After a failed log call (MLflow's retries exhausted) nothing more is sent and :meth:`check` raises
+    :class:`TrackingUnavailable`; :meth:`flush` waits for the queue first.
+    """
+
+    SENTINEL = "train_loss"  # every day's metrics have it; one batch per day is all-or-nothing
+
+    def __init__(self, tracker: Tracker, days: tuple[str, ...], run_name: str):
+        self.tracker, self.days, self.run_name = tracker, days, run_name
+        self.failure: TrackingUnavailable | None = None
+        self._logged: set[int] | None = None
+        self._queue: queue.Queue = queue.Queue()
+        threading.Thread(target=self._drain, name="day-metrics-writer", daemon=True).start()
+
+    def put(self, step: int, metrics: dict[str, float]) -> None:
+        self._queue.put((step, dict(metrics)))
+
+    def check(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+
+    def flush(self) -> None:
+        """Wait until every queued day is logged (or the writer failed); raise its failure if any."""
+        self._queue.join()
+        self.check()
+
+    def _drain(self) -> None:
+        while True:
+            step, metrics = self._queue.get()
+            try:
+                if self.failure is None:
+                    self._log(step, metrics)
+            finally:
+                self._queue.task_done()
+
+    def _log(self, step: int, metrics: dict[str, float]) -> None:
+        t0 = time.monotonic()
+        try:
+            if self._logged is None:
+                history = self.tracker.client.get_metric_history(self.tracker.run_id, self.SENTINEL)
+                self._logged = {m.step for m in history}
+            if step not in self._logged:
+                self.tracker.log_dict(metrics, step=step)
+                self._logged.add(step)
+        except Exception as exc:  # noqa: BLE001 - any failure to log is reported once, by the loop
+            self.failure = TrackingUnavailable(self.tracker.uri, self.days[step], step, time.monotonic() - t0,
+                                               _client_error(exc), self.run_name)
+            log.error("%s", self.failure)
+
+
+@dataclass
+class FaultHooks:
+    """Fault injection for tests, from the JSON file named by ``CASCADELAB_TEST_HOOKS`` (absent: none).
+
+    ``pause_at_step``: before training global step N the worker of rank ``pause_rank`` writes
+    ``{"pid", "node_id", "step"}`` to ``pause_file`` and sleeps until ``pause_file + ".release"`` exists
+    (at most ``pause_s``); once per run (the file stays). ``enospc_at_step``: the checkpoint taken at
+    global step N fails part-way with ENOSPC, once (``enospc_file`` records it). ``starts_file``: each
+    worker appends ``{"pid", "node_id", "rank", "global_step"}`` when it starts (0, or the step it resumed at).
+    ``env``: set in the worker's environment at start (MLflow reads its retry settings from there).
+    """
+
+    pause_at_step: int = -1
+    pause_rank: int = 0
+    pause_file: str = ""
+    pause_s: float = 120.0
+    enospc_at_step: int = -1
+    enospc_file: str = ""
+    starts_file: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls) -> FaultHooks:
+        path = os.environ.get(HOOKS_ENV)
+        hooks = cls(**json.loads(Path(path).read_text())) if path and os.path.exists(path) else cls()
+        os.environ.update(hooks.env)
+        return hooks
+
+    @staticmethod
+    def _where(**fields) -> str:
+        import ray
+
+        return json.dumps({"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), **fields})
+
+    def started(self, rank: int, step: int) -> None:
+        if self.starts_file:
+            with open(self.starts_file, "a") as f:
+                f.write(self._where(rank=rank, global_step=step) + "\n")
+
+    def pause(self, step: int, rank: int) -> None:
+        if step != self.pause_at_step or rank != self.pause_rank or os.path.exists(self.pause_file):
+            return
+        Path(self.pause_file).write_text(self._where(step=step))
+        deadline = time.monotonic() + self.pause_s
+        while time.monotonic() < deadline and not os.path.exists(self.pause_file + ".release"):
+            time.sleep(0.05)
+
+    def full_disk_at(self, step: int) -> int | None:
+        """Bytes after which the checkpoint of ``step`` fails with ENOSPC (None: it does not)."""
+        if step != self.enospc_at_step or not self.enospc_file or os.path.exists(self.enospc_file):
+            return None
+        Path(self.enospc_file).write_text(f"ENOSPC injected at global step {step}\n")
+        return 4096
 
 
 @dataclass
@@ -212,21 +376,29 @@ class _Trainer:
         self.device = get_device()
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if self.cfg.train.bf16 and self.device.type == "cuda" else contextlib.nullcontext())
+        self.hooks = FaultHooks.from_env()
         model = plan.build_cascade()
         self.optimizer = torch.optim.Adam(model.parameters(), lr=self.cfg.train.lr)
+        self.day_metrics: dict[int, dict[str, float]] = {}  # each finished day's metrics, by day index
         self.state = self._restore(model, ray.train.get_checkpoint())
+        self.hooks.started(self.rank, self.state.global_step)
         self.model = prepare_model(model)
         self.eval_collate = self.collate_for(plan.eval_day, evaluation=True)
         self._pending = {"rows": 0.0, "busy_s": 0.0}  # local progress since the last report
+        self.writer = DayMetricsWriter(tracker, plan.train_days, plan.run_name) if self.rank == 0 else None
+        for step, metrics in sorted(self.day_metrics.items()) if self.writer is not None else []:
+            self.writer.put(step, metrics)  # days a failure may have kept from the run; logged ones skipped
 
     def _restore(self, model: Cascade, checkpoint) -> LoopState:
-        """Weights, optimizer and progress from Ray Train's checkpoint to resume from, if any."""
+        """Weights, optimizer, progress and the finished days' metrics from Ray Train's checkpoint to
+        resume from, if any."""
         if checkpoint is None:
             return LoopState()
         with checkpoint.as_directory() as d:
-            saved = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+            saved = read_checkpoint(d)
         model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
+        self.day_metrics = dict(saved.get("day_metrics", {}))
         state = LoopState(**saved["state"])
         log.info("rank %d resumed at day %d, batch %d (global step %d)", self.rank, state.day,
                  state.step_in_day, state.global_step)
@@ -260,10 +432,12 @@ class _Trainer:
         self._pending = {"rows": 0.0, "busy_s": 0.0}
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
-            if checkpoint and self.rank == 0:
-                torch.save({"model": _unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
-                            "state": asdict(self.state), "config": self.cfg.to_dict(), "vocab": self.plan.vocab,
-                            "days": list(self.plan.train_days)}, os.path.join(tmp, CHECKPOINT_FILE))
+            if checkpoint and self.rank == 0:  # complete on disk before Ray Train sees the directory
+                write_checkpoint({"model": _unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
+                                  "state": asdict(self.state), "config": self.cfg.to_dict(), "vocab": self.plan.vocab,
+                                  "days": list(self.plan.train_days), "day_metrics": self.day_metrics}, tmp,
+                                 kept=f"under {self.plan.run_dir or self.plan.storage_path}",
+                                 fail_after_bytes=self.hooks.full_disk_at(self.state.global_step))
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({**metrics, "global_step": self.state.global_step}, checkpoint=ckpt)
 
@@ -291,6 +465,7 @@ class _Trainer:
                 clock.restart()
                 continue
             clock.got_batch()
+            self.hooks.pause(st.global_step, self.rank)
             _maybe_fail(self.plan, st, self.rank)
             batch = CascadeBatch.from_dict(tensors)
             for key, value in self.step(batch).items():  # stays on device: no per-step host sync
@@ -363,12 +538,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
             stream = t.evaluate_on(None if is_last else day_index + 1)
             metrics.update({f"stream_{k}": v for k, v in stream.items()})
             stream_final = stream if is_last else None
-        if t.rank == 0:
-            t.tracker.log_dict(metrics, step=day_index)
+        t.day_metrics[day_index] = metrics
+        if t.writer is not None:
+            t.writer.put(day_index, metrics)
             log.info("day %d/%d %s: loss %.4f, %.0f samples/s, data wait %.1f%%", day_index + 1, len(days),
                      days[day_index], metrics["train_loss"], metrics["samples_per_s"],
                      100 * metrics["data_wait_share"])
         t.report({**metrics, "day": days[day_index]}, checkpoint=True)
+        if t.writer is not None:  # after the day's checkpoint: a tracking failure loses no training
+            t.writer.check()
+    if t.writer is not None:  # every day logged before the driver logs the final metrics
+        t.writer.flush()
     final = stream_final or t.evaluate_on(None)
     final = {**final, "samples_per_s": t.state.train_rows / max(t.state.train_s, 1e-9),
              "train_rows": t.state.train_rows, "global_steps": float(t.state.global_step),
