@@ -1,8 +1,10 @@
 """``cascadelab compare (--sweep NAME | --experiment NAME)``: paper-style tables from MLflow runs.
 
-Prints markdown tables (method x metric, mean ± std over seeds; recall vs tau; recall and step time vs
-sampled negatives; streaming recall per day, whichever the runs support) and writes them as CSV + PNG to
-``--out``; for a sweep the files are also logged to its MLflow parent run under ``compare/``.
+Prints markdown tables (method x metric, mean ± std over seeds, each method's difference to bce with a
+95% interval and, where the runs' dataset.json records it, the oracle's joint recall and the fraction of
+it reached; recall vs tau; recall and step time vs sampled negatives; streaming recall per day, whichever
+the runs support) and writes them as CSV + PNG to ``--out``; for a sweep the files are also logged to its
+MLflow parent run under ``compare/``.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from cascadelab.platform.tune.compare import compare
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="paper-style tables and plots from a sweep's or an experiment's MLflow runs",
                        description="Read finished training runs back from MLflow and print method x metric tables "
-                                   "(mean ± std over seeds), recall vs tau, recall and step time vs sample_num and "
-                                   "streaming recall, as the runs allow; write CSV and PNG files.")
+                                   "(mean ± std over seeds, the difference to bce with a 95% interval, the oracle "
+                                   "of the runs' synthetic dataset), recall vs tau, recall and step time vs "
+                                   "sample_num and streaming recall, as the runs allow; write CSV and PNG files.")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--sweep", metavar="NAME", help="the child runs of sweep NAME (cascadelab sweep)")
     which.add_argument("--experiment", metavar="NAME", help="every finished training run of MLflow experiment NAME")

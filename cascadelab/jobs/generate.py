@@ -8,7 +8,7 @@ import time
 
 from cascadelab.jobs.common import standalone
 from cascadelab.platform.config import ConfigError, parse_override
-from cascadelab.platform.data.schema import ID_VOCAB_FIELDS
+from cascadelab.platform.data.schema import ID_VOCAB_FIELDS, DatasetMeta
 from cascadelab.platform.data.synthetic import SyntheticConfig, generate
 
 log = logging.getLogger(__name__)
@@ -18,7 +18,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="write synthetic RecFlow-shaped Parquet data",
                        description="Write a synthetic dataset in the project's RecFlow Parquet schema: one "
                                    "directory per day, one row per request, with a planted user-item "
-                                   "preference and a popularity skew. Deterministic for a seed.")
+                                   "preference and a popularity skew. Deterministic for a seed. dataset.json "
+                                   "records the joint recall of the oracle (the noise-free utility), "
+                                   "popularity-only and random rankings. The dataset is written beside --out "
+                                   "and moved into place when complete.")
     p.add_argument("--out", required=True, help="output dataset directory")
     p.add_argument("--days", type=int, default=SyntheticConfig.days)
     p.add_argument("--requests-per-day", type=int, default=SyntheticConfig.requests_per_day)
@@ -76,7 +79,17 @@ def main(args: argparse.Namespace) -> int:
     meta = generate(cfg, args.out, overwrite=args.overwrite, parallel=args.parallel)
     log.info("generated in %.1f s", time.perf_counter() - t0)
     print(f"wrote {sum(meta.rows_per_day.values())} requests over {len(meta.days)} days to {args.out}")
+    print(reference_line(meta))
     return 0
+
+
+def reference_line(meta: DatasetMeta) -> str:
+    """What reference rankings of the logged candidates score (dataset.json ``extra.oracle``, all days)."""
+    oracle = meta.extra["oracle"]
+    o = oracle[meta.mode]["overall"]
+    return (f"joint R@{oracle['gt_k']}@{oracle['k']} of the logged candidates ranked by the noise-free utility "
+            f"(oracle) {o['oracle']:.4f}, affinity only {o['affinity']:.4f}, popularity only "
+            f"{o['popularity']:.4f}, random {o['random']:.4f}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ from cascadelab.cascade.metrics import metric_names
 from cascadelab.jobs import compare as compare_job
 from cascadelab.jobs.common import run_main
 from cascadelab.platform.config import flatten, load_config
+from cascadelab.platform.data.synthetic import SyntheticConfig, generate
 from cascadelab.platform.tracking import end_run, log_metrics, start_run
+from cascadelab.platform.tune.compare import t_quantile
 
 
 def _cli(*argv: str) -> int:
@@ -60,12 +62,12 @@ def test_sweep_method_table_mean_std_over_seeds(sweep_store, capsys):
     assert _cli("--sweep", "grid", "--tracking-uri", uri, "--out", str(tmp / "out")) == 0
     out = capsys.readouterr().out
     assert "sweep grid: 5 finished runs" in out
-    assert ("| Method | Joint R@10@20 | Ranking R@10@20 | Ranking NDCG@10 | Retrieval R@10@30 | Retrieval NDCG@10 "
-            "| runs |") in out
-    assert ("| bce | 0.8100 ± 0.0141 | 0.8200 ± 0.0141 | 0.7000 ± 0.0000 | 0.9500 ± 0.0000 | 0.6000 ± 0.0000 "
-            "| 2 |") in out
-    assert "| dftopk | 0.8700 ± 0.0141 |" in out
-    assert "| lcron | 0.9000 ± 0.0000 |" in out  # one seed: std 0
+    assert ("| Method | Joint R@10@20 | Δ vs bce (95% CI) | Ranking R@10@20 | Ranking NDCG@10 | Retrieval R@10@30 "
+            "| Retrieval NDCG@10 | runs |") in out
+    assert ("| bce | 0.8100 ± 0.0141 | reference | 0.8200 ± 0.0141 | 0.7000 ± 0.0000 | 0.9500 ± 0.0000 "
+            "| 0.6000 ± 0.0000 | 2 |") in out
+    assert "| dftopk | 0.8700 ± 0.0141 | +0.0600 [+0.0600, +0.0600] paired |" in out  # the same gap on each seed
+    assert "| lcron | 0.9000 (n=1) | +0.0900 (n=1) | 0.9100 (n=1) |" in out  # one seed: no spread, no interval
     assert "icc" not in out  # the failed run is left out
     table = pd.read_csv(tmp / "out" / "methods.csv")
     assert list(table["objective.name"]) == ["bce", "lcron", "dftopk"]  # the papers' (registry) order
@@ -94,10 +96,10 @@ def test_tau_sample_num_and_step_time_tables_with_plots(tmp_path, capsys):
     assert "| Method | sample_num=0 | sample_num=40 |" in out
     assert "| dftopk (objective.tau=5.0) | 10.00 ± 0.00 | 14.00 ± 0.00 |" in out  # step time in ms
     files = {p.name for p in (tmp_path / "out").iterdir()}
-    assert {"methods.csv", "tau_tau.csv", "tau_tau.png", "sample_num.csv", "sample_num.png", "step_time.csv",
-            "step_time.png", "tables.md"} <= files
+    assert files == {"methods.csv", "tau.csv", "tau.png", "sample_num.csv", "sample_num.png", "step_time.csv",
+                     "step_time.png", "tables.md"}
     artifacts = {a.path for a in mlflow.MlflowClient(uri).list_artifacts(parent, "compare")}
-    assert {"compare/tau_tau.png", "compare/sample_num.png", "compare/step_time.png"} <= artifacts
+    assert {"compare/tau.png", "compare/sample_num.png", "compare/step_time.png"} <= artifacts
 
 
 def test_experiment_mode_reads_plain_runs_and_streaming_history(tmp_path, capsys):
@@ -169,11 +171,114 @@ def test_a_four_stage_cascade_is_compared_on_every_stage(tmp_path, capsys):
     _client_run(client, exp, ["objective.name=lcron"], _metrics(0.7))  # a two-stage run beside them
     assert _cli("--experiment", "deep", "--tracking-uri", uri, "--out", str(tmp_path / "o")) == 0
     out = capsys.readouterr().out
-    assert ("| Method | Joint R@10@20 | Ranking R@10@20 | Ranking NDCG@10 | Prerank2 R@10@25 | Prerank2 NDCG@10 "
-            "| Prerank1 R@10@30 | Prerank1 NDCG@10 | Retrieval R@10@40 | Retrieval NDCG@10 | runs |") in out
+    assert ("| Method | Joint R@10@20 | Δ vs bce (95% CI) | Ranking R@10@20 | Ranking NDCG@10 | Prerank2 R@10@25 "
+            "| Prerank2 NDCG@10 | Prerank1 R@10@30 | Prerank1 NDCG@10 | Retrieval R@10@40 | Retrieval NDCG@10 "
+            "| runs |") in out
     rows = {line.split(" ")[1]: [c.strip() for c in line.split("|")[2:-1]] for line in out.splitlines()
-            if line.startswith("| ") and "±" in line}
-    assert rows["bce"][:-1] == [f"0.{v}00 ± 0.0000" for v in (50, 57, 58, 55, 56, 53, 54, 51, 52)]
-    assert rows["lcron"][3:7] == ["-"] * 4  # the two-stage run beside them has no prerank stages
+            if line.startswith("| ") and "(n=1)" in line}
+    assert rows["bce"][:-1] == ["0.5000 (n=1)", "reference",
+                                *(f"0.{v}00 (n=1)" for v in (57, 58, 55, 56, 53, 54, 51, 52))]
+    assert rows["lcron"][4:8] == ["-"] * 4  # the two-stage run beside them has no prerank stages
     table = pd.read_csv(tmp_path / "o" / "methods.csv")
     assert {"prerank1_recall_mean", "prerank2_ndcg_mean", "retrieval_recall_mean"} <= set(table.columns)
+
+
+# ---------------------------------------------------------------------------------------------- significance
+
+T975 = {1: 12.706205, 2: 4.302653, 4: 2.776445, 9: 2.262157, 29: 2.045230}  # Student t, 0.975 quantile
+
+
+@pytest.mark.parametrize("df", sorted(T975))
+def test_t_quantile_matches_the_table(df):
+    assert t_quantile(0.975, df) == pytest.approx(T975[df], abs=1e-5)
+
+
+def _md_row(out: str, method: str) -> list[str]:
+    rows = [line for line in out.splitlines() if line.startswith((f"| {method} |", f"| {method} ("))]
+    assert len(rows) == 1, rows
+    return [c.strip() for c in rows[0].split("|")[1:-1]]
+
+
+def test_differences_to_bce_with_paired_and_welch_intervals(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("sig")
+    runs = {"bce": {0: 0.80, 1: 0.82, 2: 0.81},
+            "dftopk": {0: 0.83, 1: 0.86, 2: 0.84},  # paired d = .03 .04 .03
+            "lcron": {0: 0.80, 1: 0.84, 2: 0.79},  # paired d = 0 .02 -.02: not significant
+            "arf": {3: 0.85, 4: 0.85 + (8 / 3) ** 0.5 * 0.01},  # other seeds: Welch (see below)
+            "lapsum": {0: 0.95}}  # one run
+    for name, by_seed in runs.items():
+        for seed, joint in by_seed.items():
+            _client_run(client, exp, [f"objective.name={name}", f"train.seed={seed}"], _metrics(joint))
+    assert _cli("--experiment", "sig", "--tracking-uri", uri, "--out", str(tmp_path / "o")) == 0
+    out = capsys.readouterr().out
+
+    sd_d = (((0.03 - 0.1 / 3) ** 2 * 2 + (0.04 - 0.1 / 3) ** 2) / 2) ** 0.5
+    half = T975[2] * sd_d / 3 ** 0.5  # 0.014342
+    assert _md_row(out, "dftopk")[2] == f"+0.0333 [{0.1 / 3 - half:+.4f}, {0.1 / 3 + half:+.4f}] paired"
+    assert _md_row(out, "dftopk")[2] == "+0.0333 [+0.0190, +0.0477] paired"
+    half = T975[2] * 0.02 / 3 ** 0.5  # sd of (0, .02, -.02) = .02
+    assert _md_row(out, "lcron")[2] == f"+0.0000 [{-half:+.4f}, {half:+.4f}] paired n.s."
+    # Welch: s_x²/2 = (8/3e4)/2/2 = 2/3e4, s_y²/3 = 1/3e4, se = .01; df = (1e-4)² / ((2/3e4)² + (1/3e4)²/2) = 2
+    d = 0.85 + (8 / 3) ** 0.5 * 0.005 - 0.81
+    half = T975[2] * 0.01
+    assert _md_row(out, "arf")[2] == f"{d:+.4f} [{d - half:+.4f}, {d + half:+.4f}] welch"
+    assert _md_row(out, "arf")[2] == "+0.0482 [+0.0051, +0.0912] welch"
+    assert _md_row(out, "lapsum")[1:3] == ["0.9500 (n=1)", "+0.1400 (n=1)"]
+    assert _md_row(out, "bce")[1:3] == ["0.8100 ± 0.0100", "reference"]
+    table = pd.read_csv(tmp_path / "o" / "methods.csv").set_index("objective.name")
+    assert table.loc["dftopk", "joint_recall_vs_bce_lo"] == pytest.approx(0.1 / 3 - T975[2] * sd_d / 3 ** 0.5)
+    assert table.loc["arf", "joint_recall_vs_bce_hi"] == pytest.approx(d + half)
+    assert table["joint_recall_vs_bce_test"].fillna("").to_dict() == {
+        "bce": "", "dftopk": "paired", "lcron": "paired", "arf": "welch", "lapsum": "n=1"}
+    assert table["joint_recall_vs_bce_significant"].to_dict() == pytest.approx(
+        {"bce": float("nan"), "dftopk": True, "lcron": False, "arf": True, "lapsum": float("nan")}, nan_ok=True)
+
+
+def test_a_table_without_bce_has_no_difference_column(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("nobce")
+    for name in ("dftopk", "lcron"):
+        _client_run(client, exp, [f"objective.name={name}"], _metrics(0.8))
+    assert _cli("--experiment", "nobce", "--tracking-uri", uri, "--out", str(tmp_path / "o")) == 0
+    out = capsys.readouterr().out
+    assert "Δ vs bce" not in out and "| Method | Joint R@10@20 | Ranking R@10@20 |" in out
+
+
+# ---------------------------------------------------------------------------------------------- oracle
+
+
+def test_the_oracle_column_reads_the_runs_dataset(tmp_path, capsys, caplog):
+    data = tmp_path / "data"
+    meta = generate(SyntheticConfig(days=2, requests_per_day=64, seed=1), data)
+    oracle = meta.extra["oracle"]["two_stage"]["per_day"]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("o")
+    for name, joint in (("bce", 0.70), ("dftopk", 0.80)):
+        _client_run(client, exp, [f"objective.name={name}", f"data.path={data}"], _metrics(joint))
+    _client_run(client, exp, ["objective.name=lcron", f"data.path={data}", f"data.eval_day='{meta.days[0]}'"],
+                _metrics(0.9))  # another evaluation day: its own oracle
+    assert _cli("--experiment", "o", "--tracking-uri", uri, "--out", str(tmp_path / "o")) == 0
+    out = capsys.readouterr().out
+    assert "| Method | Joint R@10@20 | Δ vs bce (95% CI) | Oracle R@10@20 | of oracle | Ranking R@10@20 |" in out
+    last, first = oracle[meta.days[1]]["oracle"], oracle[meta.days[0]]["oracle"]
+    assert _md_row(out, "dftopk")[3:5] == [f"{last:.4f}", f"{0.80 / last:.3f}"]
+    assert _md_row(out, "lcron")[3:5] == [f"{first:.4f}", f"{0.90 / first:.3f}"]
+    assert (f"Oracle ({data}, {meta.days[1]}): the logged candidates ranked by the generator's noise-free utility, "
+            f"{last:.4f}; popularity only {oracle[meta.days[1]]['popularity']:.4f}; random "
+            f"{oracle[meta.days[1]]['random']:.4f}.") in out
+    table = pd.read_csv(tmp_path / "o" / "methods.csv").set_index("objective.name")
+    assert table.loc["bce", "of_oracle"] == pytest.approx(0.70 / last)
+
+    moved = tmp_path / "moved"
+    data.rename(moved)  # the data moved away: no oracle column, one log line, the rest of the table as before
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cascadelab.platform.tune.compare"):
+        assert _cli("--experiment", "o", "--tracking-uri", uri, "--out", str(tmp_path / "o2")) == 0
+    out = capsys.readouterr().out
+    assert "Oracle" not in out and "| Method | Joint R@10@20 | Δ vs bce (95% CI) | Ranking R@10@20 |" in out
+    warnings = [r.getMessage() for r in caplog.records]
+    assert warnings == [f"no oracle column for data.path '{data}' (data directory '{data}' does not exist)"]

@@ -1,9 +1,14 @@
 """``cascadelab generate --vocab FIELD=N``: sizes parsed like ``--set`` values, bad input named in one line."""
 
+import argparse
+
 import pytest
 
+from cascadelab.jobs import generate as generate_job
+from cascadelab.jobs.common import run_main
 from cascadelab.jobs.generate import parse_vocab
 from cascadelab.platform.config import ConfigError
+from cascadelab.platform.data.schema import DatasetMeta
 
 
 def test_vocab_sizes_override_named_fields():
@@ -22,3 +27,15 @@ def test_vocab_sizes_override_named_fields():
 def test_bad_vocab_items_are_named(item, match):
     with pytest.raises(ConfigError, match=match):
         parse_vocab([item])
+
+
+def test_generate_prints_the_reference_recalls_it_records(tmp_path, capsys):
+    parser = argparse.ArgumentParser(prog="cascadelab")
+    generate_job.add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["generate", "--out", str(tmp_path / "d"), "--days", "2", "--requests-per-day", "64"])
+    assert run_main(args.func, args) == 0
+    o = DatasetMeta.read(tmp_path / "d").extra["oracle"]["two_stage"]["overall"]
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"joint R@10@20 of the logged candidates ranked by the noise-free utility (oracle) {o['oracle']:.4f}, "
+        f"affinity only {o['affinity']:.4f}, popularity only {o['popularity']:.4f}, random {o['random']:.4f}")
+    assert o["requests"] == 128 and o["oracle"] > o["popularity"] > o["random"]
