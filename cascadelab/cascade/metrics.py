@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from cascadelab.cascade.batch import CascadeBatch
+from cascadelab.operators import hard_topk_mask
 
 
 def stage_names(num_stages: int) -> list[str]:
@@ -37,12 +38,9 @@ def metric_names(num_stages: int, ndcg: bool = True) -> list[str]:
 
 
 def select_topk(scores: Tensor, k: int, available: Tensor) -> Tensor:
-    """``[B, n]`` bool: the ``k`` highest-scoring available candidates (all of them if fewer)."""
-    k = min(k, scores.shape[-1])
-    masked = scores.detach().masked_fill(~available, float("-inf"))
-    idx = masked.topk(k, dim=-1).indices
-    chosen = torch.zeros_like(available).scatter_(-1, idx, True)
-    return chosen & available
+    """``[B, n]`` bool: the ``k`` highest-scoring available candidates (all of them if fewer); ties go to
+    the lower slot (:func:`cascadelab.operators.hard_topk_mask`)."""
+    return hard_topk_mask(scores.detach(), k, mask=available)
 
 
 def cascade_selection(scores: list[Tensor], ks: list[int], mask: Tensor) -> Tensor:

@@ -18,6 +18,7 @@ import yaml
 
 from cascadelab.cascade.models import MODELS
 from cascadelab.cascade.objectives import OBJECTIVES
+from cascadelab.operators import operator_default
 
 PARQUET_READERS = ("auto", "v1", "v2")
 #: Keys that exist for the tests (fault injection): in the config, never among a run's MLflow params.
@@ -69,7 +70,7 @@ class ObjectiveConfig:
 
     name: str = "dftopk"  # see cascadelab.cascade.objectives.OBJECTIVES
     gt_k: int = 10  # ground-truth items per request (Recall@10@m); the quota of LCRON and the top-k masks
-    tau: float = 500.0  # DFTopK temperature on raw logits (the DFTopK paper's value)
+    tau: float = operator_default("dftopk", "tau")  # DFTopK temperature on raw logits (the DFTopK paper's value)
     bce_last_stage_groups: int = 2  # BCE trains the last stage on the first N candidate groups only
     icc_temperature: float = 0.5  # ICC gate sigmoid((s - kappa) / T); paper grid {.05,.1,.5,1}; reference code 1e-3
     icc_stage_scale: float | None = None  # ICC fused-score multiplier c_j = scale**j; None: 1 (2 stages), 2 (3+)
@@ -77,13 +78,13 @@ class ObjectiveConfig:
     lambdaloss_topn: int = 30  # FS-LambdaLoss top-n of the NDCG discounts
     lambdaloss_smoothing: float = 0.8  # FS-LambdaLoss mixture f of NDCG-Loss2 and LambdaRank discounts
     arf_tau: float = 200.0  # ARF / ARF-v2 NeuralSort temperature
-    lcron_tau: float = 50.0  # LCRON NeuralSort / SoftSort temperature
+    lcron_tau: float = operator_default("neuralsort", "tau")  # LCRON NeuralSort / SoftSort temperature
     lcron_sort: str = "neuralsort"  # LCRON sort operator: neuralsort | softsort | diffsort
     lcron_stage_quotas: bool = False  # LCRON quotas = the stages' k (paper App. E.1) instead of gt_k
-    diffsort_steepness: float = 10.0  # DiffSort (LCRON with lcron_sort=diffsort) comparator steepness
+    diffsort_steepness: float = operator_default("diffsort", "steepness")  # DiffSort (LCRON with lcron_sort=diffsort) comparator steepness
     diffsort_network: str = "odd_even"  # DiffSort sorting network: odd_even | bitonic
-    lapsum_alpha: float = 5.0  # LapSum scale on raw logits (the DFTopK repo's value)
-    sparse_topk_l: float = 1.0  # sparse soft top-k regularisation strength l (the DFTopK repo's value)
+    lapsum_alpha: float = operator_default("lapsum", "alpha")  # LapSum scale on raw logits (the DFTopK repo's value)
+    sparse_topk_l: float = operator_default("sparse-topk", "l")  # sparse soft top-k regularisation strength l (the DFTopK repo's value)
 
 
 @dataclass
