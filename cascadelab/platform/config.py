@@ -101,6 +101,7 @@ class TrainConfig:
     max_failures: int = 1  # worker-group failures Ray Train recovers from (resuming from the last checkpoint)
     streaming_eval: bool = False  # after each day d, evaluate on day d+1 (papers' Figure 2 protocol)
     bf16: bool = False  # bf16 autocast on GPU (ignored on CPU)
+    compile: bool = False  # torch.compile (inductor) each stage model; a failing compile: one warning, then eager
     fail_at_step: int = -1  # fault injection for tests: raise once at this global step (-1: off)
     fail_rank: int = 0  # the worker rank that raises
 
