@@ -16,6 +16,7 @@ from cascadelab.cascade.metrics import metric_names
 from cascadelab.jobs.common import add_config_args, standalone
 from cascadelab.platform.config import CascadeConfig, ConfigError, flatten, load_config
 from cascadelab.platform.tracking import Tracker, resolve_tracking_uri
+from cascadelab.platform.train.run import load_run_config, run_training
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -46,8 +47,6 @@ def summary_keys(num_stages: int) -> list[str]:
 
 
 def main(args: argparse.Namespace) -> int:
-    from cascadelab.platform.train.run import load_run_config, run_training  # lazily, as Ray
-
     if args.seeds < 1:
         raise ConfigError(f"--seeds: expected a positive number of repeats, got {args.seeds}")
     cfg = load_config(args.config, args.overrides)
@@ -68,8 +67,6 @@ def main(args: argparse.Namespace) -> int:
 
 def repeat_seeds(args: argparse.Namespace, cfg: CascadeConfig) -> int:
     """``--seeds N``: N runs with consecutive seeds under one parent run holding each metric's mean and std."""
-    from cascadelab.platform.train.run import run_training  # lazily, as Ray
-
     base = cfg.train.seed
     name = f"{cfg.objective.name}-x{args.seeds}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
     parent = Tracker.start(resolve_tracking_uri(cfg.tracking.uri), cfg.tracking.experiment, name,

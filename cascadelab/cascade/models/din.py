@@ -1,4 +1,4 @@
-"""DIN ranking model (reference notes §3.2): target attention over the behaviour sequence."""
+"""DIN ranking model (LCRON's models, kwai/LCRON): target attention over the behaviour sequence."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""DSSM two-tower retrieval model (reference notes §3.2), with masked mean pooling of the sequence."""
+"""DSSM two-tower retrieval model (LCRON's models, kwai/LCRON), with masked mean pooling of the sequence."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ class DSSM(nn.Module):
     """score = <user_tower(user fields, mean(seq)), item_tower(item fields)>; returns ``[B, n]`` logits.
 
     Deviation: the reference sums all 50 sequence rows (padding included) before dividing by the valid
-    count; here padded rows are masked out (reference notes §6 item 17).
+    count; here padded rows are masked out.
     """
 
     def __init__(self, vocab: dict[str, int], emb_dim: int = 8, hidden: int = 128):

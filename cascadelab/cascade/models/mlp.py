@@ -1,4 +1,4 @@
-"""MLP pre-ranking model for three-stage cascades (reference notes §3.2)."""
+"""MLP pre-ranking model for three-stage cascades (LCRON's models, kwai/LCRON)."""
 
 from __future__ import annotations
 

@@ -52,6 +52,9 @@ matplotlib is imported lazily, in :func:`_plot`.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import importlib.util
 import json
 import os
 import platform
@@ -64,6 +67,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.profiler import ProfilerActivity, profile
 
 from cascadelab.operators import (
     dftopk,
@@ -163,9 +167,6 @@ def _keep_freed_memory(on: bool) -> str:
 
     Returns a description of the allocator for the JSON, or "default" where this is not glibc.
     """
-    import ctypes
-    import ctypes.util
-
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt
@@ -469,8 +470,6 @@ def _interleaved(cfg: OperatorBenchConfig, ops: tuple[str, ...], batch: int, n: 
 
 def _load_reference(path: str | None) -> Callable:
     """``soft_top_k`` from the user's copy of the LapSum authors' code (option ``lapsum_reference``)."""
-    import importlib.util
-
     if not path or not Path(path).is_file():
         raise ValueError(f"lapsum_reference: '{path}' is not a file (expected a .py file defining soft_top_k)")
     spec = importlib.util.spec_from_file_location("lapsum_reference", path)
@@ -536,8 +535,6 @@ def _peak_bytes(step: Callable[[], None], device) -> int | None:
         step()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    from torch.profiler import ProfilerActivity, profile
-
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     # allocations are charged to the op that made them, frees appear as "[memory]" events
