@@ -21,7 +21,6 @@ LAZY_ROOTS = ("ray", "mlflow", "matplotlib")
 # Function-local imports of other modules still to be moved to the top of their files (module path
 # relative to the package -> imported modules). Temporary: each entry goes with its fix.
 LOCAL_IMPORTS_TO_MOVE: dict[str, set[str]] = {
-    "platform/train/plan.py": {"cascadelab.platform.data.ingest"},
     "platform/tune/sweep.py": {"cascadelab.platform.train.run"},  # imports Ray: validation must not
 }
 

@@ -54,8 +54,9 @@ def summarize(check: Check, out: Path, stdout: str) -> str:
     data = json.loads(path.read_text())
     if check.result_json == "operators.json":
         head = data.get("headline", {})
-        keys = ("b1024_n1000_official_over_dftopk", "b1024_n10000_official_over_dftopk", "b1_n1000_official_over_dftopk")
-        return ", ".join(f"{k.replace('_official_over_dftopk', '')} official/dftopk {head[k]:.2f}" for k in keys if k in head)
+        keys = [f"{case}_official_over_dftopk" for case in ("b1024_n1000", "b1024_n10000", "b1_n1000")]
+        return ", ".join(f"{k.removesuffix('_official_over_dftopk')} official/dftopk {head[k]:.2f}"
+                         for k in keys if k in head)
     if check.result_json == "train.json":
         parts = [f"{name} {data[name]['samples_per_s']:.0f} samples/s" for name in ("bare", "ray_1_worker")
                  if isinstance(data.get(name), dict) and "samples_per_s" in data[name]]

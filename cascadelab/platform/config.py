@@ -81,10 +81,12 @@ class ObjectiveConfig:
     lcron_tau: float = operator_default("neuralsort", "tau")  # LCRON NeuralSort / SoftSort temperature
     lcron_sort: str = "neuralsort"  # LCRON sort operator: neuralsort | softsort | diffsort
     lcron_stage_quotas: bool = False  # LCRON quotas = the stages' k (paper App. E.1) instead of gt_k
-    diffsort_steepness: float = operator_default("diffsort", "steepness")  # DiffSort (LCRON with lcron_sort=diffsort) comparator steepness
+    # DiffSort (LCRON with lcron_sort=diffsort) comparator steepness
+    diffsort_steepness: float = operator_default("diffsort", "steepness")
     diffsort_network: str = "odd_even"  # DiffSort sorting network: odd_even | bitonic
     lapsum_alpha: float = operator_default("lapsum", "alpha")  # LapSum scale on raw logits (the DFTopK repo's value)
-    sparse_topk_l: float = operator_default("sparse-topk", "l")  # sparse soft top-k regularisation strength l (the DFTopK repo's value)
+    # sparse soft top-k regularisation strength l (the DFTopK repo's value)
+    sparse_topk_l: float = operator_default("sparse-topk", "l")
 
 
 @dataclass

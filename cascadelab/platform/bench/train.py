@@ -28,10 +28,11 @@ import pyarrow.parquet as pq
 import torch
 
 from cascadelab.cascade.batch import CascadeBatch
-from cascadelab.platform.config import load_config, unflatten
-from cascadelab.platform.data.ingest import arrow_to_tensors, day_files
-from cascadelab.platform.data.synthetic import SyntheticConfig, generate
 from cascadelab.platform.bench.roofline import cascade_cost, measure_peaks, roofline_samples_per_s
+from cascadelab.platform.config import load_config, unflatten
+from cascadelab.platform.data.ingest import arrow_to_tensors
+from cascadelab.platform.data.schema import day_files
+from cascadelab.platform.data.synthetic import SyntheticConfig, generate
 from cascadelab.platform.runtime import ensure_ray
 from cascadelab.platform.train.plan import RunPlan, plan_run
 from cascadelab.platform.train.run import run_training

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from ray.data.collate_fn import ArrowBatchCollateFn
 
@@ -27,29 +26,13 @@ from cascadelab.platform.data.schema import (
     SEQ_LEN,
     SLOTS,
     USER_FIELDS,
-    DataError,
     DatasetMeta,
-    check_table_schema,
     columns_for,
-    day_dir_files,
+    day_files,
     id_high,
     id_range_error,
     label_error,
-    projected_schema,
 )
-
-
-def day_files(root: str | Path, day: str, mode: str, groups: tuple[str, ...]) -> list[str]:
-    """The day's Parquet files after checking each file's schema for the columns a run reads."""
-    files = day_dir_files(root, day)
-    expected = projected_schema(mode, groups)
-    for path in files:
-        try:
-            got = pq.read_schema(path)
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise DataError(f"'{path}': not a readable Parquet file ({str(exc).splitlines()[0]})") from None
-        check_table_schema(got, expected, path)
-    return files
 
 
 def read_day(root: str | Path, day: str, meta: DatasetMeta, groups: tuple[str, ...],

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from cascadelab.cascade.batch import ITEM_FIELDS, SEQ_FIELDS, TIME_VOCAB
 from cascadelab.cascade.batch import USER_FIELDS as USER_FIELDS  # re-exported for the data modules
@@ -200,3 +201,16 @@ def check_table_schema(table_schema: pa.Schema, expected: pa.Schema, path: str |
         got = table_schema.field(idx).type
         if not same_type(got, f.type):
             raise DataError(f"'{path}': column '{f.name}' has type {got}, expected {f.type}")
+
+
+def day_files(root: str | Path, day: str, mode: str, groups: tuple[str, ...]) -> list[str]:
+    """The day's Parquet files after checking each file's schema for the columns a run reads."""
+    files = day_dir_files(root, day)
+    expected = projected_schema(mode, groups)
+    for path in files:
+        try:
+            got = pq.read_schema(path)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise DataError(f"'{path}': not a readable Parquet file ({str(exc).splitlines()[0]})") from None
+        check_table_schema(got, expected, path)
+    return files

@@ -1,7 +1,8 @@
 """A restricted, streaming unpickler for RecFlow's ``request_id_dict`` that keeps only what is read.
 
 ``pickle.load`` of a full day's candidate dict holds every stage's whole candidate array (~200 rows of 8
-int64 per stage and request, ~13 KB), although the converter reads only the first ``SLOTS`` rows of each. Cutting the arrays after ``pickle.load`` does not lower the peak, and cutting them inside a
+int64 per stage and request, ~13 KB), although the converter reads only the first ``SLOTS`` rows of each.
+Cutting the arrays after ``pickle.load`` does not lower the peak, and cutting them inside a
 ``pickle.Unpickler`` subclass does not either: the unpickler's memo keeps every array's raw bytes alive
 until the load ends. This loader walks the opcodes itself (``pickletools.genops``), builds each array,
 keeps a copy of its first ``max_rows`` rows and drops the raw bytes at once (neither byte strings nor the

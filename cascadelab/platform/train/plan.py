@@ -22,7 +22,7 @@ from cascadelab.cascade.cascade import Cascade, build_cascade
 from cascadelab.cascade.metrics import stage_names
 from cascadelab.platform.cluster.storage import is_remote_uri, uri_scheme
 from cascadelab.platform.config import CascadeConfig, ConfigError
-from cascadelab.platform.data.schema import SLOTS, DataError, DatasetMeta, day_dir_files, groups_for
+from cascadelab.platform.data.schema import SLOTS, DataError, DatasetMeta, day_dir_files, day_files, groups_for
 from cascadelab.platform.tracking import resolve_tracking_uri
 
 
@@ -106,7 +106,6 @@ def plan_run(cfg: CascadeConfig, resume: str | None = None, run_name: str | None
     meta = DatasetMeta.read(cfg.data.path)
     train_days, eval_day = plan_days(meta, cfg)
     groups = cascade_groups(meta, len(cfg.stages))
-    from cascadelab.platform.data.ingest import day_files  # lazily: that module imports Ray Data
 
     for day in [*train_days, eval_day]:  # a missing day or a bad schema fails here, naming the file
         if cfg.data.skip_bad_files:  # the files are decoded and checked on the cluster; bad ones skipped
