@@ -222,7 +222,9 @@ class Tracker:
         from mlflow.models import infer_signature
 
         signature = infer_signature(example, output)
-        mlflow.set_tracking_uri(self.uri)  # Model.log resolves the store from the fluent URI
+        mlflow.set_tracking_uri(self.uri)  # Model.log resolves the store from the fluent URI ...
+        mlflow.set_experiment(experiment_id=self.client.get_run(self.run_id).info.experiment_id)  # ... and
+        # files the LoggedModel under the fluent experiment: the run's, or the UI lists no model for it
         flavor_log = logging.getLogger("mlflow.pytorch")
         level = flavor_log.level
         flavor_log.setLevel(logging.ERROR)  # its pickle notice: loading runs cascadelab's own module

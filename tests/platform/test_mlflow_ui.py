@@ -274,8 +274,6 @@ def test_run_page_shows_the_dataset_with_its_profile_and_schema(page, shot, ui_u
     shot("dataset")
 
 
-@pytest.mark.xfail(strict=True, reason="Tracker.log_pytorch_model logs the LoggedModel into the default "
-                                       "experiment 0, not the run's: the UI lists no model for the run")
 def test_the_logged_model_shows_in_the_runs_table_and_on_the_run_page(page, shot, ui_url, finished_run):
     run = finished_run["run"]
     exp = run.info.experiment_id

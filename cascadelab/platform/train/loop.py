@@ -54,6 +54,7 @@ import torch.distributed as dist
 from cascadelab.cascade.batch import CascadeBatch
 from cascadelab.cascade.cascade import Cascade
 from cascadelab.cascade.metrics import finalize, metric_sums
+from cascadelab.cascade.models.compiled import compile_stages
 from cascadelab.platform.data.ingest import ArrowToTorch
 from cascadelab.platform.data.schema import DataError
 from cascadelab.platform.tracking import Tracker
@@ -382,6 +383,8 @@ class _Trainer:
         self.day_metrics: dict[int, dict[str, float]] = {}  # each finished day's metrics, by day index
         self.state = self._restore(model, ray.train.get_checkpoint())
         self.hooks.started(self.rank, self.state.global_step)
+        if self.cfg.train.compile:  # in place: state_dict keys and checkpoints stay those of the eager model
+            compile_stages(model)
         self.model = prepare_model(model)
         self.eval_collate = self.collate_for(plan.eval_day, evaluation=True)
         self._pending = {"rows": 0.0, "busy_s": 0.0}  # local progress since the last report

@@ -40,7 +40,8 @@ from cascadelab.platform.data.schema import METADATA_FILE, DataError, day_dir_fi
 from cascadelab.platform.data.validate import DayFiles, find_bad_file, validate_days
 from cascadelab.platform.runtime import decide_use_gpu, ensure_ray, one_line_error
 from cascadelab.platform.tracking import Tracker, check_tracking_uri, runs_named, source_tags
-from cascadelab.platform.train.loop import ShardError, train_loop_per_worker
+from cascadelab.platform.train.checkpoint import CheckpointWriteError
+from cascadelab.platform.train.loop import ShardError, TrackingUnavailable, train_loop_per_worker
 from cascadelab.platform.train.plan import RunPlan, check_cpu_budget, known_cpus, on_cluster, plan_run
 
 log = logging.getLogger(__name__)
@@ -107,10 +108,13 @@ def run_training(cfg: CascadeConfig, resume: str | None = None, tags: dict[str, 
             result = _trainer(plan, tracker, files, [*(callbacks or []), *shown.callbacks()]).fit()
         return _finish(plan, tracker, result, time.perf_counter() - t0)
     except BaseException as exc:
-        bad = data_failure(exc, plan, files)
+        fatal = worker_failure(exc, (TrackingUnavailable, CheckpointWriteError))
+        if isinstance(fatal, TrackingUnavailable):  # closing the run would wait out the retries again
+            raise fatal from None
+        bad = fatal if fatal is not None else data_failure(exc, plan, files)
         tracker.close("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED",
                       error=str(bad) if bad is not None else one_line_error(exc))
-        if bad is not None:  # bad data met by a worker: one line naming the file
+        if bad is not None:  # bad data or a full disk met by a worker: one line naming the file
             raise bad from None
         raise
     finally:
@@ -327,16 +331,23 @@ class DriverProgress:
 
         class ReportToDriver(UserCallback):
             def after_report(self, run_context, metrics, checkpoint):
-                if metrics:
-                    sink.put_nowait(dict(metrics[0]))
+                try:
+                    if metrics:
+                        sink.put_nowait(dict(metrics[0]))
+                except Exception:  # the bar is a view: a lost report must never fail the run
+                    log.debug("progress report dropped", exc_info=True)
 
         return [ReportToDriver()]
 
     def __enter__(self) -> DriverProgress:
         if self.enabled:
+            import ray
             from ray.util.queue import Queue
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-            self.queue = Queue(actor_options={"num_cpus": 0})
+            # on the driver's node: a queue on a worker node would die with it, and the controller with it
+            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+            self.queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
             if sys.stderr.isatty():
                 self.bar = tqdm(total=self.total * self.per_step, unit="sample", unit_scale=True,
                                 desc=self.plan.run_name, dynamic_ncols=True, leave=True)
@@ -389,17 +400,21 @@ def _clock(seconds: float) -> str:
     return time.strftime("%M:%S" if seconds < 3600 else "%H:%M:%S", time.gmtime(max(seconds, 0.0)))
 
 
-def worker_failure(exc: BaseException) -> ShardError | None:
-    """The ShardError a Train worker raised, from Ray Train's failure (``WorkerGroupError.worker_failures``
-    maps each failed rank to the exception it raised) or raised on the driver while planning datasets."""
+def worker_failure(exc: BaseException, kinds: tuple[type[BaseException], ...] = (ShardError,)):
+    """The exception of one of ``kinds`` a Train worker raised, from Ray Train's failure
+    (``WorkerGroupError.worker_failures`` maps each failed rank to the exception it raised), from the
+    exception's chain, or raised on the driver itself (e.g. while planning datasets); else None."""
     import ray.train
 
-    if isinstance(exc, ShardError):
-        return exc
-    if isinstance(exc, ray.train.WorkerGroupError):
-        for _, failure in sorted(exc.worker_failures.items()):
-            if isinstance(failure, ShardError):
-                return failure
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, kinds):
+            return seen
+        if isinstance(seen, ray.train.WorkerGroupError):
+            for _, failure in sorted(seen.worker_failures.items()):
+                if isinstance(failure, kinds):
+                    return failure
+        seen = seen.__cause__ or seen.__context__
     return None
 
 

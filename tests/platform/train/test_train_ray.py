@@ -81,7 +81,9 @@ def test_the_logged_model_scores_a_batch_and_cascadelab_score_writes_top_k(clean
     from cascadelab.cli import main
 
     run = mlflow.MlflowClient(env["uri"]).get_run(clean_run.run_id)
-    assert run.outputs.model_outputs  # the Models column
+    assert run.outputs.model_outputs  # the Models column ...
+    logged = mlflow.MlflowClient(env["uri"]).get_logged_model(run.outputs.model_outputs[0].model_id)
+    assert logged.experiment_id == run.info.experiment_id  # ... lists the run's experiment's models only
     mlflow.set_tracking_uri(env["uri"])
     scorer = mlflow.pytorch.load_model(run.data.tags["cascadelab.model_uri"])
     from cascadelab.platform.train.plan import plan_run
