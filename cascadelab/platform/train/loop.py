@@ -58,11 +58,7 @@ from cascadelab.cascade.models.compiled import compile_stages
 from cascadelab.platform.data.ingest import ArrowToTorch
 from cascadelab.platform.data.schema import DataError
 from cascadelab.platform.tracking import Tracker
-from cascadelab.platform.train.checkpoint import (  # CHECKPOINT_FILE: the driver imports it from here
-    CHECKPOINT_FILE,  # noqa: F401
-    read_checkpoint,
-    write_checkpoint,
-)
+from cascadelab.platform.train.checkpoint import read_checkpoint, write_checkpoint
 from cascadelab.platform.train.plan import RunPlan
 
 log = logging.getLogger(__name__)

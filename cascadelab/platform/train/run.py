@@ -40,12 +40,11 @@ from cascadelab.platform.data.schema import METADATA_FILE, DataError, day_dir_fi
 from cascadelab.platform.data.validate import DayFiles, find_bad_file, validate_days
 from cascadelab.platform.runtime import decide_use_gpu, ensure_ray, one_line_error
 from cascadelab.platform.tracking import Tracker, check_tracking_uri, runs_named, source_tags
-from cascadelab.platform.train.checkpoint import CheckpointWriteError
+from cascadelab.platform.train.checkpoint import CheckpointWriteError, read_checkpoint
 from cascadelab.platform.train.loop import ShardError, TrackingUnavailable, train_loop_per_worker
 from cascadelab.platform.train.plan import RunPlan, check_cpu_budget, known_cpus, on_cluster, plan_run
 
 log = logging.getLogger(__name__)
-CHECKPOINT_FILE = "cascade.pt"  # the worker loop's checkpoint file: {"model": state_dict, ...} (torch.save)
 
 
 @dataclass
@@ -233,7 +232,7 @@ def _finish(plan: RunPlan, tracker: Tracker, result, wall: float) -> TrainResult
     ckpt_path = result.checkpoint.path if result.checkpoint is not None else None
     if ckpt_path and plan.run_dir is not None:
         tracker.log_artifact(ckpt_path, "checkpoint")
-        log_cascade_model(tracker, plan, Path(ckpt_path) / CHECKPOINT_FILE)
+        log_cascade_model(tracker, plan, ckpt_path)
     if plan.config.train.streaming_eval:
         log_streaming_plot(tracker)
     tracker.close("FINISHED")
@@ -287,11 +286,11 @@ def example_batch(plan: RunPlan, rows: int = 4) -> dict[str, torch.Tensor]:
     return {k: tensors[k] for k in SCORER_INPUTS}
 
 
-def log_cascade_model(tracker: Tracker, plan: RunPlan, checkpoint_file: Path) -> str:
+def log_cascade_model(tracker: Tracker, plan: RunPlan, checkpoint_dir: str | Path) -> str:
     """The checkpoint's cascade as the run's MLflow model (``mlflow.pytorch``; a :class:`CascadeScorer`
     with the signature of an evaluation-day batch); returns its model URI."""
     cascade = plan.build_cascade()
-    cascade.load_state_dict(torch.load(checkpoint_file, map_location="cpu", weights_only=False)["model"])
+    cascade.load_state_dict(read_checkpoint(checkpoint_dir)["model"])
     scorer, example = CascadeScorer(cascade).eval(), example_batch(plan)
     with torch.no_grad():
         output = scorer(example)
