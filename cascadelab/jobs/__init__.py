@@ -33,6 +33,7 @@ COMMANDS: dict[str, Command] = {
     "sweep": Command("sweep", "run a Ray Tune grid of training runs (one MLflow parent run)"),
     "score": Command("score", "score requests with a training run's MLflow model (top-k per stage)"),
     "compare": Command("compare", "paper-style tables and plots from a sweep's or an experiment's MLflow runs"),
+    "report": Command("report", "one self-contained HTML page of sweeps' tables, figures and MLflow runs"),
     "demo": Command("demo", "end-to-end demo: generate data, train bce and dftopk, print a table"),
     "bench": Command("bench", "run a benchmark suite (JSON + PNG + MLflow run)"),
     "submit": Command("submit", "run a cascadelab job on a Ray cluster (Ray Jobs API)", submittable=False),

@@ -1,0 +1,324 @@
+"""The HTML report: its pieces from pandas frames (no Ray, no MLflow), and one page rendered from a small
+real sweep (real local Ray in its own process, real SQLite MLflow) whose tables are checked against the
+runs' metrics as MlflowClient reads them."""
+
+from __future__ import annotations
+
+import base64
+import html.parser
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from cascadelab.platform.tune.compare import build_tables, difference
+from cascadelab.platform.tune.report import (
+    Link,
+    SweepData,
+    html_table,
+    markdown_frame,
+    render,
+    run_link,
+    throughput_frame,
+    trials_frame,
+)
+
+ROOT = Path(__file__).parents[3]
+
+
+class PageParser(html.parser.HTMLParser):
+    """What a browser would fetch and show: every table by id (header, cell texts, cell links), every
+    ``src`` / ``href``, the tags used, the section ids and the text."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.tables: dict[str, dict[str, list]] = {}
+        self.refs: list[tuple[str, str, str]] = []  # (tag, attribute, value)
+        self.tags: set[str] = set()
+        self.sections: list[str] = []
+        self.text: list[str] = []
+        self._table: dict | None = None
+        self._cell: list[str] | None = None
+        self._href: str | None = None
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.tags.add(tag)
+        self.refs += [(tag, a, attrs[a]) for a in ("src", "href") if a in attrs]
+        if tag == "table":
+            self._table = self.tables.setdefault(attrs["id"], {"header": [], "rows": [], "links": []})
+        elif tag == "tr" and self._table is not None:
+            self._row, self._links = [], []
+        elif tag in ("td", "th"):
+            self._cell, self._href = [], None
+        elif tag == "a" and self._cell is not None:
+            self._href = attrs.get("href")
+        elif tag == "h2":
+            self.sections.append(attrs.get("id", ""))
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None:
+            self._row.append("".join(self._cell).strip())
+            self._links.append(self._href)
+            self._cell = None
+        elif tag == "tr" and self._table is not None:
+            if self._table["header"]:
+                self._table["rows"].append(self._row)
+                self._table["links"].append(self._links)
+            else:
+                self._table["header"] = self._row
+        elif tag == "table":
+            self._table = None
+
+    def handle_data(self, data):
+        self.text.append(data)
+        if self._cell is not None:
+            self._cell.append(data)
+
+    def frame(self, table_id: str) -> pd.DataFrame:
+        table = self.tables[table_id]
+        return pd.DataFrame(table["rows"], columns=table["header"])
+
+
+def assert_self_contained(page: PageParser, allowed_href_prefix: str | None = None) -> None:
+    """No fetch leaves the page: images are data URIs (valid PNGs), links are in-page anchors or run pages."""
+    assert not page.tags & {"script", "link", "iframe", "object", "embed"}
+    for tag, attr, value in page.refs:
+        if attr == "src":
+            assert tag == "img" and value.startswith("data:image/png;base64,"), value[:60]
+            assert base64.b64decode(value.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+        else:
+            assert value.startswith("#") or (allowed_href_prefix and value.startswith(allowed_href_prefix)), value
+
+
+# ---------------------------------------------------------------------------------------------- pieces
+
+
+def test_html_table_escapes_cells_links_runs_and_marks_not_significant():
+    frame = pd.DataFrame({"Method": ["<b>bce</b>", "dftopk"], "Δ": ["reference", "+0.0100 [-0.0200, +0.0400] "
+                                                                      "paired n.s."],
+                          "run": ["abc", Link("d&f", "http://h:5000/#/experiments/1/runs/d&f")]})
+    out = html_table(frame, "s/methods")
+    assert "<td>&lt;b&gt;bce&lt;/b&gt;</td>" in out and "<b>" not in out
+    assert '<td class="ns">+0.0100 [-0.0200, +0.0400] paired n.s.</td>' in out
+    assert '<a href="http://h:5000/#/experiments/1/runs/d&amp;f">d&amp;f</a>' in out
+    page = PageParser(out)
+    assert page.tables["s/methods"]["header"] == ["Method", "Δ", "run"]
+    assert page.frame("s/methods")["Method"].tolist() == ["<b>bce</b>", "dftopk"]
+    assert page.tables["s/methods"]["links"][1] == [None, None, "http://h:5000/#/experiments/1/runs/d&f"]
+
+
+@pytest.mark.parametrize("uri, expected", [
+    ("http://head:5000", "http://head:5000/#/experiments/7/runs/r1"),
+    ("https://mlflow.example.org/", "https://mlflow.example.org/#/experiments/7/runs/r1"),
+    ("sqlite:////tmp/mlflow.db", None),
+    ("file:///tmp/mlruns", None),
+])
+def test_run_links_only_for_a_tracking_server(uri, expected):
+    assert run_link(uri, "7", "r1") == expected
+
+
+def _runs(rows: list[dict]) -> pd.DataFrame:
+    """Runs as compare.load_runs reads them back (params as strings, metrics as floats)."""
+    frame = []
+    for i, row in enumerate(rows):
+        frame.append({"run_id": f"run{i}", "run_name": f"trial-{i}", "status": row.get("status", "FINISHED"),
+                      "start_time": i, "end_time": i + 1,
+                      **{f"params.{k}": str(v) for k, v in row["params"].items()},
+                      **{f"metrics.{k}": float(v) for k, v in row["metrics"].items()}})
+    return pd.DataFrame(frame)
+
+
+def _grid() -> pd.DataFrame:
+    rows = []
+    for name, base, rate in (("bce", 0.80, 1000.0), ("dftopk", 0.85, 800.0)):
+        for seed in (0, 1):
+            rows.append({"params": {"objective.name": name, "train.seed": seed, "stages.0.k": 30, "stages.1.k": 20},
+                         "metrics": {"joint_recall": base + seed / 100, "ranking_recall": 0.9,
+                                     "samples_per_s_total": rate + 100 * seed}})
+    rows.append({"params": {"objective.name": "lcron", "train.seed": 0}, "metrics": {"train_loss": 1.0},
+                 "status": "FAILED"})
+    return _runs(rows)
+
+
+def test_markdown_frame_reads_compares_method_table_cell_for_cell():
+    methods = build_tables(_grid())[0]
+    frame, notes = markdown_frame(methods.markdown)
+    assert frame.columns.tolist() == ["Method", "Joint R@10@20", "Δ vs bce (95% CI)", "Ranking R@10@20", "runs"]
+    assert frame.loc[0].tolist() == ["bce", "0.8050 ± 0.0071", "reference", "0.9000 ± 0.0000", "2"]
+    assert frame.loc[1, "Δ vs bce (95% CI)"] == "+0.0500 [+0.0500, +0.0500] paired"
+    assert len(notes) == 1 and notes[0].startswith("Δ vs bce: difference of mean joint recall")
+    with pytest.raises(ValueError, match="not a markdown table"):
+        markdown_frame("no table here")
+
+
+def test_throughput_per_method_follows_the_method_order():
+    frame = throughput_frame(_grid(), methods=["dftopk", "bce"])
+    assert frame["Method"].tolist() == ["dftopk", "bce"]
+    assert frame["samples/s"].tolist() == [f"850 ± {statistics.stdev([800, 900]):.0f}", "1050 ± 71"]
+    assert frame["runs"].tolist() == [2, 2]  # the failed lcron run has no rate
+    assert throughput_frame(_grid().drop(columns=["metrics.samples_per_s_total"])) is None
+
+
+def test_trials_table_has_every_run_and_its_mlflow_run():
+    frame = trials_frame(_grid(), "sqlite:///x.db", "3")
+    assert frame["Trial"].tolist() == [f"trial-{i}" for i in range(5)]
+    assert frame["status"].tolist() == ["FINISHED"] * 4 + ["FAILED"]
+    assert frame["MLflow run"].tolist() == [f"run{i}" for i in range(5)]  # text: no UI for sqlite
+    assert frame["Joint R@10@20"].tolist()[:2] == ["0.8000", "0.8100"]
+    linked = trials_frame(_grid(), "http://head:5000", "3")["MLflow run"].tolist()
+    assert linked[0] == Link("run0", "http://head:5000/#/experiments/3/runs/run0")
+
+
+def test_a_page_shows_only_the_sections_it_has_data_for():
+    runs = _grid()
+    html, sections, left_out = render("sqlite:///x.db", [SweepData("grid", "p1", "3", runs, build_tables(runs))])
+    page = PageParser(html)
+    assert page.sections == ["methods", "throughput", "trials", "left-out"]
+    assert [s.key for s in sections] == ["methods", "throughput", "trials"]
+    assert left_out == {
+        "Recall against temperature": "no sweep varies a temperature (objective.tau, objective.lcron_tau, "
+                                      "objective.arf_tau)",
+        "Recall against negative samples": "no sweep varies data.sample_num",
+        "Streaming recall per day": "no finished run was trained with train.streaming_eval=true"}
+    text = " ".join(" ".join(page.text).split())
+    for title, why in left_out.items():
+        assert f"{title}: {why}" in text
+    assert page.frame("grid/throughput")["Method"].tolist() == ["bce", "dftopk"]
+    assert page.frame("grid/methods").equals(markdown_frame(build_tables(runs)[0].markdown)[0])
+    assert_self_contained(page)
+    assert sum(tag == "img" for tag, _, _ in page.refs) == 1  # the throughput bars
+
+
+# ---------------------------------------------------------------------------------------------- a real sweep
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    return env
+
+
+def _metric(run, name: str) -> float:
+    """The run's final ``name`` (``joint_recall``, ``ranking_ndcg``...) under its logged name, old or new
+    (``eval/joint_recall_at_10_20``)."""
+    keys = [k for k in run.data.metrics if k.rsplit("/", 1)[-1].startswith(name) and not k.startswith("stream")]
+    assert keys, (name, sorted(run.data.metrics))
+    return run.data.metrics[min(keys, key=len)]
+
+
+def _stage_metric(label: str) -> str:
+    """A method-table column as the metric it shows: ``Ranking R@10@20`` -> ``ranking_recall``."""
+    stage, kind = label.split(" ")[:2]
+    return f"{stage.lower()}_{'ndcg' if kind.startswith('NDCG') else 'recall'}"
+
+
+def _cell(values: list[float], digits: int = 4) -> str:
+    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_report_of_a_real_sweep_matches_mlflow(tmp_path, tiny_dataset):
+    from mlflow import MlflowClient
+
+    from cascadelab.cli import main
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "rep", "max_concurrent_trials": 2,
+        "base": {"data": {"path": str(tiny_dataset), "batch_size": 64},
+                 "train": {"num_workers": 1, "cpus_per_worker": 0.5, "storage_path": str(tmp_path / "results"),
+                           "checkpoints_to_keep": 1, "streaming_eval": True},
+                 "tracking": {"uri": uri, "experiment": "rep"}},
+        "grid": {"objective.name": ["bce", "dftopk"], "train.seed": [0, 1]}}))
+    t0 = time.monotonic()
+    sweep = subprocess.run([sys.executable, "-m", "cascadelab.jobs.sweep", str(config)], cwd=tmp_path, env=_env(),
+                           capture_output=True, text=True, timeout=540)
+    assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-3000:]
+    print(f"sweep of 4 trials: {time.monotonic() - t0:.0f} s")
+
+    out = tmp_path / "report" / "rep.html"
+    assert main(["report", "--sweep", "rep", "--out", str(out), "--tracking-uri", uri]) == 0
+    page = PageParser(out.read_text(encoding="utf-8"))
+    client = MlflowClient(uri)
+    parent = client.search_runs([client.get_experiment_by_name("rep").experiment_id],
+                                filter_string="tags.`cascadelab.sweep` = 'rep'")[0]
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    by_method = {m: sorted((r for r in children if r.data.params["objective.name"] == m),
+                           key=lambda r: r.data.params["train.seed"]) for m in ("bce", "dftopk")}
+    assert [len(v) for v in by_method.values()] == [2, 2]
+    assert page.sections == ["methods", "streaming", "throughput", "trials", "left-out"]
+
+    # the method table: every mean ± std is the children's, the difference is paired by seed, the oracle is
+    # the dataset's record for its evaluation (last) day
+    methods = page.frame("rep/methods").set_index("Method")
+    assert methods.index.tolist() == ["bce", "dftopk"]
+    stage_columns = [c for c in methods.columns if c.split(" ")[0] in ("Ranking", "Retrieval")]
+    assert len(stage_columns) == 4
+    for method, runs in by_method.items():
+        assert methods.loc[method, "Joint R@10@20"] == _cell([_metric(r, "joint_recall") for r in runs])
+        for column in stage_columns:
+            assert methods.loc[method, column] == _cell([_metric(r, _stage_metric(column)) for r in runs])
+        assert methods.loc[method, "runs"] == "2"
+    seeds = {m: [(r.data.params["train.seed"], _metric(r, "joint_recall")) for r in runs]
+             for m, runs in by_method.items()}
+    diff = difference(seeds["dftopk"], seeds["bce"])
+    assert methods.loc["bce", "Δ vs bce (95% CI)"] == "reference"
+    assert methods.loc["dftopk", "Δ vs bce (95% CI)"].startswith(f"{diff.mean:+.4f} [{diff.lo:+.4f}, {diff.hi:+.4f}]"
+                                                                 " paired")
+    meta = json.loads((tiny_dataset / "dataset.json").read_text())
+    per_day = meta["extra"]["oracle"]["two_stage"]["per_day"]
+    oracle = per_day[max(per_day)]["oracle"]
+    for method, runs in by_method.items():
+        mean = statistics.fmean(_metric(r, "joint_recall") for r in runs)
+        assert methods.loc[method, "Oracle R@10@20"] == f"{oracle:.4f}"
+        assert methods.loc[method, "of oracle"] == f"{mean / oracle:.3f}"
+
+    # streaming recall per day: the children's stream_joint_recall history (step d: trained through day d)
+    streaming = page.frame("rep/streaming").set_index("Method")
+    for method, runs in by_method.items():
+        histories = [{m.step: m.value for m in client.get_metric_history(r.info.run_id, _stream_key(r))}
+                     for r in runs]
+        days = sorted(histories[0])
+        assert streaming.columns.tolist() == [f"stream_day={d + 1}" for d in days]
+        for d in days:
+            assert streaming.loc[method, f"stream_day={d + 1}"] == _cell([h[d] for h in histories])
+
+    # throughput per method, each trial with its run id (a sqlite store has no UI address: no links)
+    throughput = page.frame("rep/throughput").set_index("Method")
+    for method, runs in by_method.items():
+        assert throughput.loc[method, "samples/s"] == _cell([_metric(r, "samples_per_s_total") for r in runs], 0)
+    trials = page.frame("rep/trials")
+    assert sorted(trials["MLflow run"]) == sorted(r.info.run_id for r in children)
+    for _, row in trials.iterrows():
+        run = client.get_run(row["MLflow run"])
+        assert row["Trial"] == run.info.run_name and row["status"] == "FINISHED"
+        assert row["Joint R@10@20"] == f"{_metric(run, 'joint_recall'):.4f}"
+    text = " ".join(" ".join(page.text).split())
+    assert "Recall against temperature: no sweep varies a temperature" in text
+    assert "Recall against negative samples: no sweep varies data.sample_num" in text
+    assert_self_contained(page)
+    assert sum(tag == "img" for tag, _, _ in page.refs) == 2  # the streaming curve, the throughput bars
+
+    # logged to the sweep's parent run, byte for byte
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert artifacts == {"report/rep.html"}
+    logged = Path(client.download_artifacts(parent.info.run_id, "report/rep.html", str(tmp_path / "dl")))
+    assert logged.read_bytes() == out.read_bytes()
+
+
+def _stream_key(run) -> str:
+    """The run's streaming joint recall series under its logged name, old or new."""
+    return next(k for k in sorted(run.data.metrics, key=len) if k.startswith("stream") and "joint_recall" in k)
