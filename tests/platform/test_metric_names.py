@@ -62,8 +62,8 @@ def test_per_day_series_and_the_runs_end_never_share_a_name():
 
 
 def test_names_follow_the_cascades_cutoffs():
-    cfg = load_config(None, ["objective.gt_k=5",
-                             "stages=[{model: dssm, k: 40}, {model: mlp, k: 30}, {model: mlp, k: 25}, {model: din, k: 12}]"])
+    four = "stages=[{model: dssm, k: 40}, {model: mlp, k: 30}, {model: mlp, k: 25}, {model: din, k: 12}]"
+    cfg = load_config(None, ["objective.gt_k=5", four])
     names = MetricNames.of(cfg)
     assert [names.final_name(k) for k in metric_names(4)] == [
         "eval/joint_recall_at_5_12", "eval/retrieval_recall_at_5_40", f"eval/retrieval_ndcg_at_{NDCG_K}",
