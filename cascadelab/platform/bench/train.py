@@ -7,6 +7,13 @@ Parquet through Ray Data into a Ray Train worker. Reported: steady-state samples
 figure excludes each day's pipeline start-up, reported separately as end-to-end throughput), their
 ratio, and the 2-worker scaling efficiency = rate(2 workers) / (2 x rate(1 worker)).
 
+Fixed cost (:func:`fixed_costs`, from the 1-worker run's timeline, on a Ray cluster already running):
+the time from ``run_training``'s start to the first training step, split into the driver's work before
+``fit()`` (plan, MLflow run), Ray Train's worker-group start (up to the worker function's first line),
+the trainer's set-up (model, DDP wrap, checkpoint restore) and the wait for the first batch; the gap at
+each day boundary (from a day's last step to the next day's first: the day's report and checkpoint and
+the next batch); and end-to-end samples/s (rows over ``fit()``'s wall time) over the steady state.
+
 Roofline: the cascade's FLOPs and bytes per training sample (:func:`roofline.cascade_cost`), this
 process's peak FLOP/s and copy bandwidth at the run's torch threads (:func:`roofline.measure_peaks`,
 measured in the floor's process), the roofline ``min(F / flops, W / bytes)`` and the fraction of it that
@@ -43,7 +50,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class TrainBenchConfig:
     requests_per_day: int = 4096
-    days: int = 3  # the last day is the evaluation day
+    days: int = 4  # the last day is the evaluation day (the demo's shape: 4 days x 4096, batch 512)
     batch_size: int = 512
     objective: str = "dftopk"
     two_workers: bool = True
@@ -123,7 +130,11 @@ def run_train_bench(cfg: TrainBenchConfig, out_dir: Path) -> dict:
         result = {"config": asdict(cfg), "threads": plan.torch_threads, "torch": torch.__version__, "bare": bare,
                   "ray_1_worker": {k: one.metrics[k] for k in RAY_KEYS}}
         result["ray_1_worker"]["end_to_end_samples_per_s"] = one.metrics["train_rows"] / one.metrics["wall_time_s"]
-        ratios = {"overhead_ratio_1_worker": one.metrics["samples_per_s"] / bare["samples_per_s"]}
+        result["fixed_cost"] = fixed_costs(one.timeline)
+        ratios = {"overhead_ratio_1_worker": one.metrics["samples_per_s"] / bare["samples_per_s"],
+                  "end_to_end_over_steady_1_worker": (result["ray_1_worker"]["end_to_end_samples_per_s"]
+                                                      / one.metrics["samples_per_s"]),
+                  **{k: v for k, v in result["fixed_cost"].items() if not isinstance(v, list)}}
         if cfg.two_workers:
             two = run_training(config(**{"train.num_workers": 2, "train.cpus_per_worker": 0.5}))
             result["ray_2_workers"] = {k: two.metrics[k] for k in RAY_KEYS}
@@ -133,6 +144,23 @@ def run_train_bench(cfg: TrainBenchConfig, out_dir: Path) -> dict:
     (out_dir / "train.json").write_text(json.dumps(result, indent=2))
     _plot(result, out_dir / "train.png")
     return result
+
+
+def fixed_costs(timeline: dict) -> dict:
+    """Seconds of a run's fixed costs from its :attr:`TrainResult.timeline` (wall-clock marks): to the
+    first step and its parts, each day boundary (``day_boundary_s[d]``: day d's last step to day d+1's
+    first), its largest, and from the last step to ``fit()``'s end (final evaluation, shutdown)."""
+    first = {int(d): t for d, t in timeline["day_first_step"].items()}
+    last = {int(d): t for d, t in timeline["day_last_step"].items()}
+    days = sorted(first)
+    gaps = [first[d + 1] - last[d] for d in days[:-1]]
+    return {"time_to_first_step_s": first[days[0]] - timeline["start"],
+            "before_fit_s": timeline["fit_start"] - timeline["start"],
+            "worker_group_start_s": timeline["worker_start"] - timeline["fit_start"],
+            "trainer_setup_s": timeline["ready"] - timeline["worker_start"],
+            "first_batch_wait_s": first[days[0]] - timeline["ready"],
+            "day_boundary_s": gaps, "day_boundary_max_s": max(gaps, default=0.0),
+            "after_last_step_s": timeline["fit_end"] - last[days[-1]]}
 
 
 def roofline(cfg, plan: RunPlan, bare: dict[str, float], ray_rate: float) -> dict[str, float]:

@@ -260,6 +260,62 @@ class LoopState:
 
 
 @dataclass
+class Timeline:
+    """Rank 0's wall-clock marks (``time.time()``, comparable with the driver's on the same node) of the
+    run's fixed costs: the worker function's start, the trainer ready (model built and wrapped), and per
+    day the start of its first step and the end of its last. The attempt that finished the run only."""
+
+    worker_start: float = field(default_factory=time.time)
+    ready: float = 0.0
+    day_first_step: dict[int, float] = field(default_factory=dict)
+    day_last_step: dict[int, float] = field(default_factory=dict)
+
+    def stepping(self, day_index: int) -> None:
+        """A step of ``day_index`` is about to run (the first one of the day is recorded)."""
+        self.day_first_step.setdefault(day_index, time.time())
+
+    def stepped(self, day_index: int) -> None:
+        self.day_last_step[day_index] = time.time()
+
+
+class LiveProgress:
+    """Rank 0's in-day progress for the driver's bar. ``update`` (after every step) only stores the global
+    step, the day and the rows trained so far; a daemon thread sends ``{"global_step", "day",
+    "samples_per_s", "live": True}`` with ``sink.put_nowait`` at most once every ``interval_s`` and only
+    when a step was taken since. ``samples_per_s`` is the rows between the last two updates sent over the
+    time between them (absent from the first). A failing or hanging sink holds that thread only: a lost
+    update never fails or slows training.
+    """
+
+    def __init__(self, sink, interval_s: float = 1.0):
+        self.sink, self.interval_s = sink, interval_s
+        self._latest: tuple[int, str, float, float] | None = None  # (global step, day, rows, time)
+        self._stop = threading.Event()
+        threading.Thread(target=self._send_loop, name="live-progress", daemon=True).start()
+
+    def update(self, global_step: int, day: str, rows: float) -> None:
+        self._latest = (global_step, day, rows, time.perf_counter())
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def _send_loop(self) -> None:
+        sent: tuple[int, str, float, float] | None = None
+        while not self._stop.wait(self.interval_s):
+            latest = self._latest
+            if latest is None or latest == sent:
+                continue
+            update = {"global_step": latest[0], "day": latest[1], "live": True}
+            if sent is not None and latest[3] > sent[3]:
+                update["samples_per_s"] = (latest[2] - sent[2]) / (latest[3] - sent[3])
+            try:
+                self.sink.put_nowait(update)
+            except Exception:  # noqa: BLE001 - a full queue or a gone driver: the update is dropped
+                log.debug("live progress update dropped", exc_info=True)
+            sent = latest
+
+
+@dataclass
 class DayClock:
     """Steady-state time of one day's steps: the waits for batches are counted apart, and the first one
     (the day's pipeline start-up) is left out of both."""
@@ -337,15 +393,6 @@ def evaluate(model: torch.nn.Module, shard, collate: ArrowToTorch, batch_size: i
     return finalize(_all_reduce(sums, device))
 
 
-def _progress(enabled: bool, rank: int, desc: str, total: int):
-    """A per-day progress bar rendered by the driver (rank 0 only, when the driver has a terminal)."""
-    if not enabled or rank != 0 or os.environ.get("TQDM_DISABLE"):
-        return None
-    from ray.experimental import tqdm_ray
-
-    return tqdm_ray.tqdm(desc=desc, total=total, unit="step")
-
-
 def _maybe_fail(plan: RunPlan, state: LoopState, rank: int) -> None:
     """Fault injection for tests: rank ``train.fail_rank`` raises once when it reaches the chosen step."""
     train, marker = plan.config.train, plan.failure_marker
@@ -361,11 +408,12 @@ def _maybe_fail(plan: RunPlan, state: LoopState, rank: int) -> None:
 class _Trainer:
     """The per-worker training state and the steps of the loop (kept small so the loop reads top-down)."""
 
-    def __init__(self, plan: RunPlan, tracker: Tracker):
+    def __init__(self, plan: RunPlan, tracker: Tracker, progress_sink=None, timeline: Timeline | None = None):
         import ray.train
         from ray.train.torch import get_device, prepare_model
 
         self.plan, self.tracker, self.cfg = plan, tracker, plan.config
+        self.timeline = timeline or Timeline()
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         torch.set_num_threads(plan.torch_threads)
@@ -387,6 +435,9 @@ class _Trainer:
         self.writer = DayMetricsWriter(tracker, plan.train_days, plan.run_name) if self.rank == 0 else None
         for step, metrics in sorted(self.day_metrics.items()) if self.writer is not None else []:
             self.writer.put(step, metrics)  # days a failure may have kept from the run; logged ones skipped
+        self.live = LiveProgress(progress_sink) if self.rank == 0 and progress_sink is not None else None
+        self.rows_seen = 0.0  # rows of every worker trained in this attempt (rank 0's times the world size)
+        self.timeline.ready = time.time()
 
     def _restore(self, model: Cascade, checkpoint) -> LoopState:
         """Weights, optimizer, progress and the finished days' metrics from Ray Train's checkpoint to
@@ -455,15 +506,13 @@ class _Trainer:
         cfg, st, days = self.cfg, self.state, self.plan.train_days
         skip = st.step_in_day if day_index == st.day else 0
         st.day, st.step_in_day = day_index, skip
-        rows_day = self.plan.rows_per_day.get(days[day_index], 0)
-        bar = _progress(self.plan.progress, self.rank, f"day {day_index + 1}/{len(days)} {days[day_index]}",
-                        -(-rows_day // (self.world * cfg.data.batch_size)))
         rows, sums, clock = 0, {}, DayClock()
         for i, tensors in enumerate(self._batches(day_index)):
             if i < skip:  # trained before a failure; the checkpoint already holds its update
                 clock.restart()
                 continue
             clock.got_batch()
+            self.timeline.stepping(day_index)
             self.hooks.pause(st.global_step, self.rank)
             _maybe_fail(self.plan, st, self.rank)
             batch = CascadeBatch.from_dict(tensors)
@@ -473,18 +522,22 @@ class _Trainer:
             st.global_step += 1
             st.step_in_day = i + 1
             self._pending["rows"] += batch.size
-            if bar is not None:
-                bar.update(1)
+            self._stepped(day_index, batch.size)
             every = cfg.train.checkpoint_every_steps
             if every > 0 and st.global_step % every == 0:
                 self._pending["busy_s"] += clock.segment()
                 self.report({"day": days[day_index], "mid_day": True}, checkpoint=True)
                 clock.restart()  # the report and checkpoint are not training time
             clock.waiting()
-        if bar is not None:
-            bar.close()
         self._pending["busy_s"] += clock.segment()
         return self._day_metrics(rows, sums, clock)
+
+    def _stepped(self, day_index: int, rows: int) -> None:
+        """After a step: the timeline and the driver's live progress (rank 0)."""
+        self.timeline.stepped(day_index)
+        if self.live is not None:
+            self.rows_seen += rows * self.world
+            self.live.update(self.state.global_step, self.plan.train_days[day_index], self.rows_seen)
 
     def _day_metrics(self, rows: int, sums: dict[str, torch.Tensor], clock: DayClock) -> dict[str, float]:
         """Loss terms averaged over every worker's steps; throughput per worker and in total."""
@@ -518,15 +571,18 @@ class _Trainer:
                         self.device, day)
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
-    """Ray Train's worker function: ``config = {"plan": RunPlan, "tracker": Tracker}``; returns the final
-    evaluation and throughput (rank 0's value reaches the driver as ``Result.return_value``)."""
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train's worker function: ``config = {"plan": RunPlan, "tracker": Tracker, "progress": sink}``
+    (``progress``: optional, a queue with ``put_nowait`` for rank 0's in-day progress, see
+    :class:`LiveProgress`). Returns ``{"metrics": final evaluation and throughput, "timeline": the
+    :class:`Timeline` as a dict}``; rank 0's value reaches the driver as ``Result.return_value``."""
     import ray.train
 
+    timeline = Timeline()
     if not logging.getLogger().handlers:  # worker processes start without logging configured
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     plan: RunPlan = config["plan"]
-    t = _Trainer(plan, config["tracker"])
+    t = _Trainer(plan, config["tracker"], config.get("progress"), timeline)
     days = plan.train_days
     stream_final: dict[str, float] | None = None
     for day_index in range(t.state.day, len(days)):
@@ -552,5 +608,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, float]:
     final = {**final, "samples_per_s": t.state.train_rows / max(t.state.train_s, 1e-9),
              "train_rows": t.state.train_rows, "global_steps": float(t.state.global_step),
              "world_size": float(t.world)}
+    if t.live is not None:
+        t.live.close()
     ray.train.report(final)
-    return final
+    return {"metrics": final, "timeline": asdict(timeline)}

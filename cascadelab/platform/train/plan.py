@@ -41,7 +41,6 @@ class RunPlan:
     run_name: str
     resume: bool  # continue the run of this name from its last checkpoint
     use_gpu: bool | None = None  # None until the cluster is known (see :func:`on_cluster`)
-    progress: bool = False  # the driver has a terminal: rank 0 draws a progress bar per day
 
     @property
     def vocab(self) -> dict[str, int]:
@@ -118,7 +117,7 @@ def plan_run(cfg: CascadeConfig, resume: str | None = None, run_name: str | None
     resolved.tracking.run_name = resume or run_name or unique_run_name(cfg.tracking.run_name or cfg.objective.name)
     return RunPlan(config=resolved, meta=meta, train_days=tuple(train_days), eval_day=eval_day, groups=groups,
                    candidates=candidates, storage_path=storage, run_name=resolved.tracking.run_name,
-                   resume=resume is not None, progress=sys.stderr.isatty())
+                   resume=resume is not None)
 
 
 def on_cluster(plan: RunPlan, cluster_cpus: float, use_gpu: bool) -> RunPlan:

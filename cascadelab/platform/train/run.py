@@ -7,8 +7,8 @@ run is a :class:`~cascadelab.platform.tracking.Tracker` shared with rank 0 of th
 resolved config as params (without the test-only keys), its dataset as an MLflow input, source tags,
 system metrics, and at the end the trained cascade as an MLflow (``mlflow.pytorch``) model. A failed run
 ends FAILED with its one-line reason as the ``cascadelab.error`` tag. Progress reaches the driver as Ray
-Train reports (see :class:`DriverProgress`); the workers' own output stays in Ray's logs unless
-``--verbose``. ray, mlflow and matplotlib are imported lazily (inside functions).
+Train reports and rank 0's in-day updates (see :class:`DriverProgress`); the workers' own output stays
+in Ray's logs unless ``--verbose``. ray, mlflow and matplotlib are imported lazily (inside functions).
 """
 
 from __future__ import annotations
@@ -50,7 +50,11 @@ log = logging.getLogger(__name__)
 @dataclass
 class TrainResult:
     """``metrics``: the final evaluation and throughput as the workers returned them (``samples_per_s``
-    is the run's total rate, logged to MLflow as ``samples_per_s_total``), plus ``wall_time_s``."""
+    is the run's total rate, logged to MLflow as ``samples_per_s_total``), plus ``wall_time_s`` (from
+    ``fit()`` to its end). ``timeline``: wall-clock marks (``time.time()``) of the run's fixed costs:
+    ``start`` (``run_training`` called), ``fit_start``, ``fit_end`` and rank 0's
+    :class:`~cascadelab.platform.train.loop.Timeline` (``worker_start``, ``ready``, ``day_first_step``,
+    ``day_last_step``)."""
 
     run_id: str
     run_name: str
@@ -58,6 +62,7 @@ class TrainResult:
     metrics: dict[str, float]
     checkpoint_path: str | None
     wall_s: float
+    timeline: dict = dataclasses.field(default_factory=dict)
 
 
 def find_run(uri: str, experiment: str, run_name: str) -> Tracker:
@@ -91,6 +96,7 @@ def run_training(cfg: CascadeConfig, resume: str | None = None, tags: dict[str, 
     the check needs no cluster. ``progress``: the driver shows the run's progress (a bar on a terminal,
     a line per day otherwise); a Tune trial, which is no driver, passes False.
     """
+    started = time.time()
     plan = plan_run(cfg, resume=resume, run_name=run_name)
     check_tracking_uri(plan.tracking_uri)
     cpus = known_cpus()
@@ -101,11 +107,13 @@ def run_training(cfg: CascadeConfig, resume: str | None = None, tags: dict[str, 
     plan, files = _on_cluster(plan)
     tracker = _open_run(plan, resumed, tags, files)
     monitor = tracker.system_metrics() if plan.config.tracking.system_metrics else None
-    t0 = time.perf_counter()
+    t0, marks = time.perf_counter(), {"start": started, "fit_start": time.time()}
     try:
         with DriverProgress(plan, enabled=progress) as shown:
-            result = _trainer(plan, tracker, files, [*(callbacks or []), *shown.callbacks()]).fit()
-        return _finish(plan, tracker, result, time.perf_counter() - t0)
+            trainer = _trainer(plan, tracker, files, [*(callbacks or []), *shown.callbacks()], shown.queue)
+            result = trainer.fit()
+        marks["fit_end"] = time.time()
+        return _finish(plan, tracker, result, time.perf_counter() - t0, marks)
     except BaseException as exc:
         fatal = worker_failure(exc, (TrackingUnavailable, CheckpointWriteError))
         if isinstance(fatal, TrackingUnavailable):  # closing the run would wait out the retries again
@@ -132,7 +140,7 @@ def _on_cluster(plan: RunPlan) -> tuple[RunPlan, DayFiles | None]:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     plan = on_cluster(plan, ray.cluster_resources().get("CPU", 0.0), decide_use_gpu(plan.config.train.use_gpu))
-    plan = dataclasses.replace(plan, config=resolved_config(plan), progress=False)  # the driver draws progress
+    plan = dataclasses.replace(plan, config=resolved_config(plan))
     if not plan.config.data.skip_bad_files:
         return plan, None
     files = validate_days(plan.config.data.path, plan.days, plan.meta, plan.groups)
@@ -197,8 +205,10 @@ def build_datasets(plan: RunPlan, files: DayFiles | None = None) -> dict:
     return datasets
 
 
-def _trainer(plan: RunPlan, tracker: Tracker, files: DayFiles | None, callbacks: list | None):
-    """The TorchTrainer of the plan: the worker loop, its scaling and run configs, the datasets."""
+def _trainer(plan: RunPlan, tracker: Tracker, files: DayFiles | None, callbacks: list | None,
+             progress_sink=None):
+    """The TorchTrainer of the plan: the worker loop, its scaling and run configs, the datasets.
+    ``progress_sink``: the queue rank 0 sends its in-day progress to (None: none sent)."""
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -208,7 +218,7 @@ def _trainer(plan: RunPlan, tracker: Tracker, files: DayFiles | None, callbacks:
     ordered = ExecutionOptions(preserve_order=True)  # deterministic batches: exact mid-day resume
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"plan": plan, "tracker": tracker},
+        train_loop_config={"plan": plan, "tracker": tracker, "progress": progress_sink},
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=plan.use_gpu,
                                      resources_per_worker={"CPU": train.cpus_per_worker,
                                                            **({"GPU": 1} if plan.use_gpu else {})}),
@@ -221,11 +231,12 @@ def _trainer(plan: RunPlan, tracker: Tracker, files: DayFiles | None, callbacks:
     )
 
 
-def _finish(plan: RunPlan, tracker: Tracker, result, wall: float) -> TrainResult:
+def _finish(plan: RunPlan, tracker: Tracker, result, wall: float, marks: dict[str, float]) -> TrainResult:
     """Log the final metrics (step = number of training days; the run's throughput as
     ``samples_per_s_total``, the per-day series keeping per-day values only), the checkpoint, the
     trained cascade as an MLflow model and the streaming plot."""
-    metrics = dict(result.return_value or {})
+    returned = result.return_value or {}
+    metrics = dict(returned.get("metrics", {}))
     metrics["wall_time_s"] = wall
     logged = {("samples_per_s_total" if k == "samples_per_s" else k): v for k, v in metrics.items()}
     tracker.log_dict(logged, step=len(plan.train_days))
@@ -236,7 +247,8 @@ def _finish(plan: RunPlan, tracker: Tracker, result, wall: float) -> TrainResult
     if plan.config.train.streaming_eval:
         log_streaming_plot(tracker)
     tracker.close("FINISHED")
-    return TrainResult(tracker.run_id, plan.run_name, plan.tracking_uri, metrics, ckpt_path, wall)
+    return TrainResult(tracker.run_id, plan.run_name, plan.tracking_uri, metrics, ckpt_path, wall,
+                       {**marks, **returned.get("timeline", {})})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -303,12 +315,15 @@ def log_cascade_model(tracker: Tracker, plan: RunPlan, checkpoint_dir: str | Pat
 
 
 class DriverProgress:
-    """The run's progress on the driver, from Ray Train's reports.
+    """The run's progress on the driver, from Ray Train's reports and rank 0's live updates.
 
-    A ``UserCallback`` in the Train controller puts rank 0's report (global step, day, loss, samples/s)
-    on a ``ray.util.queue.Queue``; a driver thread takes them off and draws one tqdm bar (steps of all
-    workers, shown as samples, with ETA and the last day's samples/s) on a terminal, or logs one line per
-    training day elsewhere. Progress moves at each report: each day, and each mid-day checkpoint.
+    A ``ray.util.queue.Queue`` on the driver's node takes two kinds of message: rank 0's Ray Train
+    reports (global step, day, loss, samples/s), put by a ``UserCallback`` in the Train controller at
+    each day and mid-day checkpoint, and rank 0's in-day updates (``"live": True``: global step and the
+    samples/s of the last second, at most one a second, see :class:`~cascadelab.platform.train.loop.
+    LiveProgress`). A driver thread takes them off and draws one tqdm bar (steps of all workers, shown as
+    samples, with ETA, the last day's and the live samples/s) on a terminal, or logs one line per
+    training day elsewhere (live updates print nothing there).
     """
 
     def __init__(self, plan: RunPlan, enabled: bool = True):
@@ -319,6 +334,7 @@ class DriverProgress:
         rows = [min(plan.rows_per_day.get(d, 0), cap or sys.maxsize) for d in plan.train_days]
         self.total = sum(-(-r // self.per_step) for r in rows)
         self.queue = self.thread = self.bar = None
+        self.postfix: dict[str, str] = {}
         self.t0 = time.perf_counter()
 
     def callbacks(self) -> list:
@@ -375,15 +391,21 @@ class DriverProgress:
                 return
 
     def show(self, report: dict) -> None:
-        """One report: the bar moved to its global step, or a line for a finished training day."""
+        """One report: the bar moved to its global step (a live update only ever forward), or a line for
+        a finished training day."""
         step = int(report.get("global_step", 0))
         done = min(step, self.total)
         elapsed = time.perf_counter() - self.t0
         if self.bar is not None:
-            self.bar.update(done * self.per_step - self.bar.n)
-            if "samples_per_s" in report and "train_loss" in report:
-                self.bar.set_postfix(day=report.get("day"), loss=f"{report['train_loss']:.4f}",
-                                     day_rate=f"{report['samples_per_s']:.0f}/s")
+            moved = done * self.per_step - self.bar.n
+            if moved > 0 or not report.get("live"):
+                self.bar.update(moved)
+            if report.get("live") and "samples_per_s" in report:
+                self.postfix.update(day=str(report.get("day")), now=f"{report['samples_per_s']:.0f}/s")
+            elif "samples_per_s" in report and "train_loss" in report:
+                self.postfix.update(day=str(report.get("day")), loss=f"{report['train_loss']:.4f}",
+                                    day_rate=f"{report['samples_per_s']:.0f}/s")
+            self.bar.set_postfix(self.postfix, refresh=False)
             return
         if "train_loss" not in report or "joint_recall" in report:
             return

@@ -76,3 +76,72 @@ def test_sweep_children_are_named_by_what_differs():
         "dftopk-tau=5-seed=0-ab12c_00003"
     old = {"name": "tau-sensitivity", "keys": ["objective.tau"]}  # a sweep stored before: names kept
     assert trial_run_name(old, cfg, {"objective.tau": 5}, "ab12c_00003") == "tau-sensitivity-ab12c_00003"
+
+
+class _Sink:
+    """A queue's ``put_nowait`` that records what it gets, or fails / hangs as told."""
+
+    def __init__(self, fail: bool = False, hang_s: float = 0.0):
+        self.got, self.fail, self.hang_s = [], fail, hang_s
+
+    def put_nowait(self, item):
+        import time
+
+        time.sleep(self.hang_s)
+        if self.fail:
+            raise RuntimeError("the queue actor is gone")
+        self.got.append(item)
+
+
+def test_live_progress_sends_the_latest_step_at_most_once_per_interval():
+    import time
+
+    from cascadelab.platform.train.loop import LiveProgress
+
+    sink = _Sink()
+    live = LiveProgress(sink, interval_s=0.2)
+    t0 = time.perf_counter()
+    for step in range(1, 101):  # 100 steps over ~1 s
+        live.update(step, "2024-01-13", rows=64.0 * step)
+        time.sleep(0.01)
+    time.sleep(0.3)
+    live.close()
+    elapsed = time.perf_counter() - t0
+    assert 2 <= len(sink.got) <= elapsed / 0.2 + 1
+    assert all(u["live"] and u["day"] == "2024-01-13" for u in sink.got)
+    steps = [u["global_step"] for u in sink.got]
+    assert steps == sorted(set(steps)) and steps[-1] == 100  # no step sent twice; the last one arrives
+    assert "samples_per_s" not in sink.got[0]
+    rates = [u["samples_per_s"] for u in sink.got[1:-1]]  # ~64 rows per 10 ms
+    assert rates and all(500 < r < 7000 for r in rates)
+
+
+@pytest.mark.parametrize("sink", [_Sink(fail=True), _Sink(hang_s=5.0)], ids=["failing", "hanging"])
+def test_a_lost_live_update_never_fails_or_slows_training(sink):
+    import time
+
+    from cascadelab.platform.train.loop import LiveProgress
+
+    live = LiveProgress(sink, interval_s=0.05)
+    t0 = time.perf_counter()
+    for step in range(200):
+        live.update(step, "d", rows=float(step))
+        time.sleep(0.001)
+    live.close()
+    assert time.perf_counter() - t0 < 2.0 and sink.got == []
+
+
+def test_the_bar_moves_within_a_day_on_live_updates_and_shows_the_live_rate(plan):
+    import io
+
+    from tqdm import tqdm
+
+    shown = DriverProgress(plan, enabled=False)
+    shown.bar = tqdm(total=shown.total * shown.per_step, file=io.StringIO(), disable=False)
+    shown.show({"global_step": 2, "day": "2024-01-13", "samples_per_s": 512.0, "live": True})
+    assert shown.bar.n == 2 * 64 and shown.postfix["now"] == "512/s"
+    shown.show({"global_step": 3, "day": "2024-01-13", "train_loss": 1.25, "samples_per_s": 640.0})
+    shown.show({"global_step": 2, "day": "2024-01-14", "live": True})  # late: the bar never goes back
+    assert shown.bar.n == 3 * 64
+    assert shown.postfix["loss"] == "1.2500" and shown.postfix["day_rate"] == "640/s"
+    shown.bar.close()
