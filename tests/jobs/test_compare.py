@@ -1,4 +1,7 @@
-"""``cascadelab compare``: tables from hand-made MLflow runs in a real SQLite store (no Ray, no training)."""
+"""``cascadelab compare``: tables from hand-made MLflow runs in a real SQLite store (no Ray, no training).
+
+Runs are logged under their MLflow names (``eval/joint_recall_at_10_20``, ...) or, as runs logged before
+those names, under the loop's keys (``joint_recall``): the ``naming`` fixture runs a test with each."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from cascadelab.jobs import compare as compare_job
 from cascadelab.jobs.common import run_main
 from cascadelab.platform.config import flatten, load_config
 from cascadelab.platform.data.synthetic import SyntheticConfig, generate
+from cascadelab.platform.metric_names import MetricNames
 from cascadelab.platform.tracking import end_run, log_metrics, start_run
 from cascadelab.platform.tune.compare import t_quantile
 
@@ -25,15 +29,31 @@ def _cli(*argv: str) -> int:
     return run_main(args.func, args)
 
 
-def _run(uri, experiment, overrides, metrics, parent=None, status="FINISHED", history=None):
+@pytest.fixture(params=["current", "old"])
+def naming(request) -> str:
+    """How the runs name their metrics: MLflow names (``current``) or the loop's keys (``old``)."""
+    return request.param
+
+
+def _named(cfg, metrics: dict[str, float], naming: str) -> dict[str, float]:
+    """``metrics`` (internal keys) as a run of ``cfg`` logs them: evaluation keys under their end-of-run
+    names, the others (``step_time_s``, ``stream_*``) under their per-day names; unchanged when ``old``."""
+    if naming == "old":
+        return dict(metrics)
+    names = MetricNames.of(cfg)
+    evaluation = metric_names(len(cfg.stages))
+    return {names.final_name(k) if k in evaluation else names.day_name(k): v for k, v in metrics.items()}
+
+
+def _run(uri, experiment, overrides, metrics, parent=None, status="FINISHED", history=None, naming="current"):
     cfg = load_config(None, overrides)
     tags = {"mlflow.parentRunId": parent} if parent else {}
     run_id = start_run(uri, experiment, f"r-{len(overrides)}-{hash(tuple(overrides)) % 10**6}",
                        flatten(cfg.to_dict()), tags=tags)
     for key, points in (history or {}).items():
         for step, value in enumerate(points):
-            log_metrics(uri, run_id, {key: value}, step=step)
-    log_metrics(uri, run_id, metrics, step=2)
+            log_metrics(uri, run_id, _named(cfg, {key: value}, naming), step=step)
+    log_metrics(uri, run_id, _named(cfg, metrics, naming), step=2)
     end_run(uri, run_id, status)
     return run_id
 
@@ -44,15 +64,17 @@ def _metrics(joint, **extra):
 
 
 @pytest.fixture
-def sweep_store(tmp_path):
+def sweep_store(tmp_path, naming):
     """A sweep 'grid' with objective.name x train.seed: one parent, five children (+ one failed child)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     parent = start_run(uri, "exp", "sweep-grid", {"grid.objective.name": "[bce, dftopk]"},
                        tags={"cascadelab.sweep": "grid"})
     joint = {("bce", 0): 0.80, ("bce", 1): 0.82, ("dftopk", 0): 0.86, ("dftopk", 1): 0.88, ("lcron", 0): 0.9}
     for (name, seed), value in joint.items():
-        _run(uri, "exp", [f"objective.name={name}", f"train.seed={seed}"], _metrics(value), parent=parent)
-    _run(uri, "exp", ["objective.name=icc", "train.seed=0"], {"train_loss": 1.0}, parent=parent, status="FAILED")
+        _run(uri, "exp", [f"objective.name={name}", f"train.seed={seed}"], _metrics(value), parent=parent,
+             naming=naming)
+    _run(uri, "exp", ["objective.name=icc", "train.seed=0"], {"train_loss": 1.0}, parent=parent, status="FAILED",
+         naming=naming)
     end_run(uri, parent)
     return uri, parent, tmp_path
 
@@ -77,7 +99,7 @@ def test_sweep_method_table_mean_std_over_seeds(sweep_store, capsys):
     assert {"compare/methods.csv", "compare/tables.md"} <= artifacts
 
 
-def test_tau_sample_num_and_step_time_tables_with_plots(tmp_path, capsys):
+def test_tau_sample_num_and_step_time_tables_with_plots(tmp_path, capsys, naming):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     parent = start_run(uri, "exp", "sweep-t", {}, tags={"cascadelab.sweep": "t"})
     for tau in (5, 500):
@@ -85,7 +107,8 @@ def test_tau_sample_num_and_step_time_tables_with_plots(tmp_path, capsys):
             for seed in (0, 1):
                 joint = 0.8 + tau / 10000 + n / 1000 + seed / 100
                 _run(uri, "exp", ["objective.name=dftopk", f"objective.tau={tau}", f"data.sample_num={n}",
-                                  f"train.seed={seed}"], _metrics(joint, step_time_s=0.01 + n / 10000), parent=parent)
+                                  f"train.seed={seed}"], _metrics(joint, step_time_s=0.01 + n / 10000), parent=parent,
+                     naming=naming)
     end_run(uri, parent)
     assert _cli("--sweep", "t", "--tracking-uri", uri, "--out", str(tmp_path / "out")) == 0
     out = capsys.readouterr().out
@@ -102,16 +125,17 @@ def test_tau_sample_num_and_step_time_tables_with_plots(tmp_path, capsys):
     assert {"compare/tau.png", "compare/sample_num.png", "compare/step_time.png"} <= artifacts
 
 
-def test_experiment_mode_reads_plain_runs_and_streaming_history(tmp_path, capsys):
+def test_experiment_mode_reads_plain_runs_and_streaming_history(tmp_path, capsys, naming):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     for name, base in (("bce", 0.80), ("dftopk", 0.85)):
         for seed in (0, 1):
             _run(uri, "plain", [f"objective.name={name}", f"train.seed={seed}", "train.streaming_eval=true"],
                  _metrics(base + seed / 100), history={"stream_joint_recall": [base - 0.1 + seed / 100,
-                                                                              base + seed / 100]})
+                                                                              base + seed / 100]}, naming=naming)
     # a `train --seeds` parent (only *_mean metrics) and a failed run are not table rows
-    start_run(uri, "plain", "x3", {"objective.name": "lcron"})
-    _run(uri, "plain", ["objective.name=lcron"], {"joint_recall": 0.9}, status="FAILED")
+    seeds_parent = start_run(uri, "plain", "x3", {"objective.name": "lcron"})
+    log_metrics(uri, seeds_parent, {"eval/joint_recall_at_10_20_mean": 0.9, "joint_recall_mean": 0.9})
+    _run(uri, "plain", ["objective.name=lcron"], {"joint_recall": 0.9}, status="FAILED", naming=naming)
     assert _cli("--experiment", "plain", "--tracking-uri", uri, "--out", str(tmp_path / "o")) == 0
     out = capsys.readouterr().out
     assert "experiment plain: 4 finished runs" in out
@@ -147,17 +171,19 @@ def test_exactly_one_of_sweep_or_experiment(argv, capsys):
     assert "--sweep" in capsys.readouterr().err
 
 
-def _client_run(client, experiment_id: str, overrides: list[str], metrics: dict[str, float]) -> str:
+def _client_run(client, experiment_id: str, overrides: list[str], metrics: dict[str, float],
+                naming: str = "current") -> str:
     """One finished training run logged through MLflow's own client (params as `cascadelab train` logs them)."""
     run = client.create_run(experiment_id, run_name="-".join(overrides))
-    params = flatten(load_config(None, overrides).to_dict())
+    cfg = load_config(None, overrides)
+    params = flatten(cfg.to_dict())
     client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()],
-                     metrics=[mlflow.entities.Metric(k, v, 0, 2) for k, v in metrics.items()])
+                     metrics=[mlflow.entities.Metric(k, v, 0, 2) for k, v in _named(cfg, metrics, naming).items()])
     client.set_terminated(run.info.run_id, "FINISHED")
     return run.info.run_id
 
 
-def test_a_four_stage_cascade_is_compared_on_every_stage(tmp_path, capsys):
+def test_a_four_stage_cascade_is_compared_on_every_stage(tmp_path, capsys, naming):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
     exp = client.create_experiment("deep")
@@ -167,8 +193,8 @@ def test_a_four_stage_cascade_is_compared_on_every_stage(tmp_path, capsys):
                      "prerank2_recall", "prerank2_ndcg", "ranking_recall", "ranking_ndcg"]
     for name, base in (("bce", 0.5), ("dftopk", 0.6)):
         _client_run(client, exp, [four, f"objective.name={name}"],
-                    {m: base + i / 100 for i, m in enumerate(names)})
-    _client_run(client, exp, ["objective.name=lcron"], _metrics(0.7))  # a two-stage run beside them
+                    {m: base + i / 100 for i, m in enumerate(names)}, naming)
+    _client_run(client, exp, ["objective.name=lcron"], _metrics(0.7), naming)  # a two-stage run beside them
     assert _cli("--experiment", "deep", "--tracking-uri", uri, "--out", str(tmp_path / "o")) == 0
     out = capsys.readouterr().out
     assert ("| Method | Joint R@10@20 | Δ vs bce (95% CI) | Ranking R@10@20 | Ranking NDCG@10 | Prerank2 R@10@25 "
@@ -181,6 +207,26 @@ def test_a_four_stage_cascade_is_compared_on_every_stage(tmp_path, capsys):
     assert rows["lcron"][4:8] == ["-"] * 4  # the two-stage run beside them has no prerank stages
     table = pd.read_csv(tmp_path / "o" / "methods.csv")
     assert {"prerank1_recall_mean", "prerank2_ndcg_mean", "retrieval_recall_mean"} <= set(table.columns)
+
+
+def test_runs_logged_under_old_and_current_names_share_one_table(tmp_path, capsys):
+    """bce logged by hand under the loop's keys (as runs were before the MLflow names), dftopk under the
+    MLflow names, lcron under both (a run resumed across versions: the current names win)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("mixed")
+    old = _client_run(client, exp, ["objective.name=bce"], _metrics(0.80), naming="old")
+    assert "joint_recall" in client.get_run(old).data.metrics
+    current = _client_run(client, exp, ["objective.name=dftopk"], _metrics(0.86))
+    assert "eval/joint_recall_at_10_20" in client.get_run(current).data.metrics
+    both = _client_run(client, exp, ["objective.name=lcron"], _metrics(0.90))
+    client.log_metric(both, "joint_recall", 0.10, step=1)  # the old name's stale value
+    assert _cli("--experiment", "mixed", "--tracking-uri", uri, "--out", str(tmp_path / "o")) == 0
+    out = capsys.readouterr().out
+    assert "experiment mixed: 3 finished runs" in out
+    assert _md_row(out, "bce")[1:4] == ["0.8000 (n=1)", "reference", "0.8100 (n=1)"]
+    assert _md_row(out, "dftopk")[1:4] == ["0.8600 (n=1)", "+0.0600 (n=1)", "0.8700 (n=1)"]
+    assert _md_row(out, "lcron")[1] == "0.9000 (n=1)"
 
 
 # ---------------------------------------------------------------------------------------------- significance

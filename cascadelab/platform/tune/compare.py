@@ -14,7 +14,10 @@ Tables (each as markdown for the terminal, a CSV of means/stds/run counts, and a
 * ``streaming``: streaming joint recall per evaluated day, for runs trained with train.streaming_eval.
 
 The metric columns come from the runs' own stage lists (their ``stages.<i>.k`` params, through
-:func:`cascadelab.cascade.metrics.stage_names`), so a cascade of any depth shows every stage.
+:func:`cascadelab.cascade.metrics.stage_names`), so a cascade of any depth shows every stage. Runs are
+read by the loop's internal metric keys (``joint_recall``, ``step_time_s``, ...), whether they logged
+them under their MLflow names (``eval/joint_recall_at_10_20``; :mod:`cascadelab.platform.metric_names`)
+or, before those names, under the keys themselves.
 MLflow and matplotlib are imported lazily, inside the functions that use them.
 """
 
@@ -34,6 +37,7 @@ from cascadelab.cascade.metrics import stage_names
 from cascadelab.cascade.objectives import OBJECTIVES
 from cascadelab.platform.config import CascadeConfig, ConfigError
 from cascadelab.platform.data.schema import DataError, DatasetMeta
+from cascadelab.platform.metric_names import internal_metrics, logged_as
 from cascadelab.platform.tracking import log_artifacts
 from cascadelab.platform.tune.sweep import SWEEP_TAG
 
@@ -82,19 +86,20 @@ def _search(client, experiment_ids: list[str], filter_string: str) -> list:
 
 
 def _frame(runs: list):
+    """One row per run; metric columns by internal key (a run's current name wins over an old one)."""
     rows = []
     for run in runs:
         row = {"run_id": run.info.run_id, "run_name": run.info.run_name, "status": run.info.status,
                "start_time": run.info.start_time, "end_time": run.info.end_time}
         row.update({f"params.{k}": v for k, v in run.data.params.items()})
-        row.update({f"metrics.{k}": v for k, v in run.data.metrics.items()})
+        row.update({f"metrics.{k}": v for k, v in internal_metrics(run.data.metrics).items()})
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def load_runs(uri: str, sweep: str | None = None, experiment: str | None = None):
     """``(runs DataFrame, parent run id or None)``: a sweep's child runs, or every training run of an
-    experiment (columns ``run_id``, ``status``, ``params.<key>``, ``metrics.<key>``)."""
+    experiment (columns ``run_id``, ``status``, ``params.<key>``, ``metrics.<internal key>``)."""
     from mlflow import MlflowClient
 
     if (sweep is None) == (experiment is None):
@@ -600,8 +605,9 @@ def compare(uri: str, sweep: str | None = None, experiment: str | None = None,
     label = f"sweep {sweep}" if sweep else f"experiment {experiment}"
     client = MlflowClient(uri)
 
-    def history(run_id: str, key: str) -> list[tuple[int, float]]:
-        return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+    def history(run_id: str, key: str) -> list[tuple[int, float]]:  # ``key`` under the name the run logged
+        name = logged_as(client.get_run(run_id).data.metrics, key) or key
+        return sorted((m.step, m.value) for m in client.get_metric_history(run_id, name))
 
     references = DatasetReferences()
     tables = build_tables(runs, history, references)
