@@ -8,6 +8,7 @@ import pytest
 
 from cascadelab.cli import main
 from cascadelab.platform.config import flatten, load_config
+from cascadelab.platform.data.synthetic import SyntheticConfig, generate
 from cascadelab.platform.tracking import end_run, log_metrics, start_run
 from cascadelab.platform.tune.compare import DatasetReferences
 from cascadelab.platform.tune.report import load_sweep, render
@@ -33,37 +34,48 @@ def _metrics(joint: float, rate: float) -> dict[str, float]:
 
 @pytest.fixture
 def two_sweeps(tmp_path):
-    """``grid``: bce / dftopk x 2 seeds with streaming history; ``taus``: dftopk at tau 0.5 / 5 x 2 seeds."""
+    """``grid``: bce / dftopk x 2 seeds with streaming history, on a generated dataset (it records the
+    oracle); ``taus``: dftopk at tau 0.5 / 5 x 2 seeds, on a dataset that is gone."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    data = tmp_path / "data"
+    oracle = generate(SyntheticConfig(days=2, requests_per_day=64, seed=1), data).extra["oracle"]
     grid = start_run(uri, "exp", "sweep-grid", {}, tags={"cascadelab.sweep": "grid"})
     for name, base in (("bce", 0.80), ("dftopk", 0.86)):
         for seed in (0, 1):
-            _child(uri, grid, [f"objective.name={name}", f"train.seed={seed}", "train.streaming_eval=true"],
+            _child(uri, grid, [f"objective.name={name}", f"train.seed={seed}", "train.streaming_eval=true",
+                               f"data.path={data}"],
                    _metrics(base + seed / 100, 900 + 10 * seed), stream=[base - 0.1, base + seed / 100])
     end_run(uri, grid)
     taus = start_run(uri, "exp", "sweep-taus", {}, tags={"cascadelab.sweep": "taus"})
     for tau in (0.5, 5):
         for seed in (0, 1):
-            _child(uri, taus, ["objective.name=dftopk", f"objective.tau={tau}", f"train.seed={seed}"],
-                   _metrics(0.8 + tau / 100 + seed / 100, 700))
+            _child(uri, taus, ["objective.name=dftopk", f"objective.tau={tau}", f"train.seed={seed}",
+                               f"data.path={tmp_path / 'gone'}"], _metrics(0.8 + tau / 100 + seed / 100, 700))
     end_run(uri, taus)
-    return uri, {"grid": grid, "taus": taus}
+    last = oracle["two_stage"]["per_day"][max(oracle["two_stage"]["per_day"])]["oracle"]
+    return uri, {"grid": grid, "taus": taus}, last
 
 
 def test_one_page_for_two_sweeps_logged_to_both_parents(two_sweeps, tmp_path, capsys):
-    uri, parents = two_sweeps
+    uri, parents, oracle = two_sweeps
     out = tmp_path / "page.html"
     assert main(["report", "--sweep", "grid", "--sweep", "taus", "--out", str(out), "--tracking-uri", uri]) == 0
     printed = capsys.readouterr().out.splitlines()
     assert printed[0] == (f"wrote {out}: Methods, Recall against temperature, Streaming recall per day, "
                           "Training throughput, Trials")
     assert printed[1:] == ["left out Recall against negative samples: no sweep varies data.sample_num",
+                           f"left out Oracle column (sweep taus): data.path '{tmp_path / 'gone'}': data directory "
+                           f"'{tmp_path / 'gone'}' does not exist",
                            f"logged to MLflow parent run {parents['grid']}, {parents['taus']} under report/"]
     page = PageParser(out.read_text(encoding="utf-8"))
     assert page.sections == ["methods", "temperature", "streaming", "throughput", "trials", "left-out"]
     assert {"grid/methods", "taus/methods", "taus/tau", "grid/streaming", "grid/throughput", "taus/throughput",
             "grid/trials", "taus/trials"} == set(page.tables)
-    assert page.frame("grid/methods").set_index("Method").loc["dftopk", "Joint R@10@20"] == "0.8650 ± 0.0071"
+    methods = page.frame("grid/methods").set_index("Method")
+    assert methods.loc["dftopk", "Joint R@10@20"] == "0.8650 ± 0.0071"
+    assert methods.loc["dftopk", "Oracle R@10@20"] == f"{oracle:.4f}"
+    assert methods.loc["dftopk", "of oracle"] == f"{0.865 / oracle:.3f}"
+    assert "of oracle" not in page.tables["taus/methods"]["header"]
     tau = page.frame("taus/tau").set_index("Method")
     assert tau.loc["dftopk", "tau=0.5"] == "0.8100 ± 0.0071" and tau.loc["dftopk", "tau=5.0"] == "0.8550 ± 0.0071"
     assert page.frame("grid/streaming").set_index("Method").loc["bce", "stream_day=1"] == "0.7000 ± 0.0000"
@@ -77,7 +89,7 @@ def test_one_page_for_two_sweeps_logged_to_both_parents(two_sweeps, tmp_path, ca
 
 
 def test_an_http_tracking_uri_links_every_trial(two_sweeps, tmp_path):
-    uri, parents = two_sweeps
+    uri, parents, _ = two_sweeps
     sweep = load_sweep(uri, "grid", DatasetReferences())
     server = "http://head:5000"
     html, _, _ = render(server, [sweep])  # the page as a server at `server` holding these runs shows it
@@ -90,7 +102,7 @@ def test_an_http_tracking_uri_links_every_trial(two_sweeps, tmp_path):
 
 
 def test_an_unknown_sweep_is_one_line_and_writes_nothing(two_sweeps, tmp_path, capsys):
-    uri, _ = two_sweeps
+    uri, _, _ = two_sweeps
     out = tmp_path / "page.html"
     assert main(["report", "--sweep", "grid", "--sweep", "nope", "--out", str(out), "--tracking-uri", uri]) == 2
     err = capsys.readouterr().err.strip().splitlines()

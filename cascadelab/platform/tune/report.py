@@ -34,6 +34,7 @@ from typing import Any
 import pandas as pd
 
 from cascadelab.platform.config import ConfigError
+from cascadelab.platform.metric_names import RUN_RATE, internal_name, logged_as
 from cascadelab.platform.tracking import log_artifacts
 from cascadelab.platform.tune.compare import (
     JOINT,
@@ -48,7 +49,6 @@ from cascadelab.platform.tune.compare import (
     varying_settings,
 )
 
-THROUGHPUT = "samples_per_s_total"  # the run's training rate: rows trained / training seconds
 ARTIFACT_DIR = "report"  # where the page goes on each sweep's parent run
 
 
@@ -198,11 +198,11 @@ def method_label(run, group: list[str]) -> str:
 
 
 def throughput_column(runs: pd.DataFrame) -> str | None:
-    """The runs' column of the training rate (``metrics.samples_per_s_total``, under any metric prefix),
-    or None when no run logged it."""
-    cols = [c for c in runs.columns if c.startswith("metrics.") and c.rsplit("/", 1)[-1].endswith(THROUGHPUT)]
-    cols = [c for c in sorted(cols, key=len) if runs[c].notna().any()]
-    return cols[0] if cols else None
+    """The runs' column of the whole run's training rate (internal key ``samples_per_s_total``, logged as
+    ``throughput/samples_per_s_total``), or None when no run logged it."""
+    cols = [c for c in runs.columns if c.startswith("metrics.") and runs[c].notna().any()
+            and internal_name(c.removeprefix("metrics.")) == RUN_RATE]
+    return min(cols, key=len) if cols else None
 
 
 def mean_std(values: list[float], digits: int) -> str:
@@ -273,10 +273,12 @@ def trials_frame(runs: pd.DataFrame, uri: str, experiment_id: str) -> pd.DataFra
 
 
 def _history(client) -> Callable[[str, str], list[tuple[int, float]]]:
-    """``history(run_id, key) -> [(step, value), ...]`` by step, as compare's streaming table reads it."""
+    """``history(run_id, key) -> [(step, value), ...]`` by step of internal ``key``, under whichever name
+    the run logged it (as compare's streaming table reads it)."""
 
     def history(run_id: str, key: str) -> list[tuple[int, float]]:
-        return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+        name = logged_as(client.get_run(run_id).data.metrics, key) or key
+        return sorted((m.step, m.value) for m in client.get_metric_history(run_id, name))
 
     return history
 
@@ -343,8 +345,9 @@ def throughput_section(sweeps: list[SweepData], uri: str) -> Section | None:
                       figure_img(throughput_figure(frame), f"samples/s per method, sweep {sweep.name}")]
     if not parts:
         return None
-    return Section("throughput", "Training throughput", "Training samples/s per method (rows trained over "
-                   "training seconds, all workers; samples_per_s_total), mean ± std over seeds.", "\n".join(parts))
+    about = ("Training samples/s per method (rows trained over training seconds, all workers; "
+             "throughput/samples_per_s_total), mean ± std over seeds.")
+    return Section("throughput", "Training throughput", about, "\n".join(parts))
 
 
 def trials_section(sweeps: list[SweepData], uri: str) -> Section:
@@ -385,14 +388,28 @@ def page(uri: str, sweeps: list[SweepData], sections: list[Section], left_out: d
             "<body>\n" + "\n".join(body) + "\n</body>\n</html>\n")
 
 
-def render(uri: str, sweeps: list[SweepData]) -> tuple[str, list[Section], dict[str, str]]:
-    """``(HTML, its sections, {left-out section: why})`` for the loaded ``sweeps``."""
+def _oracle_left_out(sweeps: list[SweepData], unavailable: dict[str, str]) -> dict[str, str]:
+    """``{"Oracle column (sweep ...)": why}`` for the sweeps whose method table has no oracle column."""
+    without = [s.name for s in sweeps for t in s.tables if t.key == "methods" and "oracle" not in t.frame]
+    if not without:
+        return {}
+    why = "; ".join(f"data.path '{path}': {reason}" for path, reason in sorted(unavailable.items())) or (
+        "the dataset records no oracle for the runs' evaluation (Joint R@gt_k@k of the last stage on the "
+        "logged candidates, data.eval_sample_num=0)")
+    return {f"Oracle column (sweep {', '.join(without)})": why}
+
+
+def render(uri: str, sweeps: list[SweepData], unavailable: dict[str, str] | None = None,
+           ) -> tuple[str, list[Section], dict[str, str]]:
+    """``(HTML, its sections, {left-out section: why})`` for the loaded ``sweeps``; ``unavailable``: the
+    datasets without an oracle and why (:attr:`DatasetReferences.unavailable`)."""
     sections, left_out = compare_sections(sweeps, uri)
+    left_out.update(_oracle_left_out(sweeps, unavailable or {}))
     throughput = throughput_section(sweeps, uri)
     if throughput is not None:
         sections.append(throughput)
     else:
-        left_out["Training throughput"] = f"no finished run logged {THROUGHPUT}"
+        left_out["Training throughput"] = f"no finished run logged {RUN_RATE}"
     sections.append(trials_section(sweeps, uri))
     for sweep in sweeps:
         if not sweep.tables:
@@ -423,7 +440,7 @@ def report(uri: str, sweeps: list[str], out: str | Path) -> ReportResult:
         runs = sum(len(s.runs) for s in data)
         raise ConfigError(f"--sweep {', '.join(s.name for s in data)}: no finished runs with {JOINT} yet "
                           f"({runs} runs found at {uri})")
-    text, sections, left_out = render(uri, data)
+    text, sections, left_out = render(uri, data, references.unavailable)
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")

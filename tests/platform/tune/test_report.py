@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from cascadelab.platform.data.synthetic import SyntheticConfig, generate
 from cascadelab.platform.tune.compare import build_tables, difference
 from cascadelab.platform.tune.report import (
     Link,
@@ -188,7 +189,9 @@ def test_a_page_shows_only_the_sections_it_has_data_for():
         "Recall against temperature": "no sweep varies a temperature (objective.tau, objective.lcron_tau, "
                                       "objective.arf_tau)",
         "Recall against negative samples": "no sweep varies data.sample_num",
-        "Streaming recall per day": "no finished run was trained with train.streaming_eval=true"}
+        "Streaming recall per day": "no finished run was trained with train.streaming_eval=true",
+        "Oracle column (sweep grid)": "the dataset records no oracle for the runs' evaluation (Joint R@gt_k@k of "
+                                      "the last stage on the logged candidates, data.eval_sample_num=0)"}
     text = " ".join(" ".join(page.text).split())
     for title, why in left_out.items():
         assert f"{title}: {why}" in text
@@ -228,10 +231,13 @@ def _cell(values: list[float], digits: int = 4) -> str:
 
 @pytest.mark.integration
 @pytest.mark.timeout(600)
-def test_report_of_a_real_sweep_matches_mlflow(tmp_path, tiny_dataset):
+def test_report_of_a_real_sweep_matches_mlflow(tmp_path):
     from mlflow import MlflowClient
 
     from cascadelab.cli import main
+
+    tiny_dataset = tmp_path / "data"  # three days, one batch each: two training days, streamed, and the eval day
+    generate(SyntheticConfig(days=3, requests_per_day=64, seed=7), tiny_dataset)
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = tmp_path / "sweep.yaml"
