@@ -25,6 +25,9 @@ end                    ``train_rows``, ``global_steps``, ``world_size``,   ``run
 before training        ``data_skipped_files``                              ``data/skipped_files``
 =====================  ==================================================  ==========================================
 
+A parent run (a sweep's, ``train --seeds``') summarises its children's final metrics under
+``best/``, ``mean/`` and ``std/`` and the name without its section (:meth:`MetricNames.summary_name`).
+
 ``<eval name>`` is the eval key with its cut-offs, as the CLI prints them (``joint R@10@20`` is
 ``joint_recall_at_10_20``): ``gt_k`` is ``objective.gt_k``, ``k`` the stages' ``k``, NDCG is at
 :data:`NDCG_K`. A day's series and the run's end never share a name, so each per-day series holds
@@ -97,6 +100,13 @@ class MetricNames:
         if key == "samples_per_s":
             return f"throughput/{RUN_RATE}"
         return f"run/{key}"
+
+    def summary_name(self, key: str, summary: str) -> str:
+        """A parent run's ``summary`` (``best``: a sweep's best trial; ``mean`` / ``std``: over the seeds
+        of ``train --seeds``) of its children's final ``key``: ``best/joint_recall_at_10_20``,
+        ``mean/samples_per_s_total`` (the section says what it summarises; readers of training runs
+        skip these names)."""
+        return f"{summary}/{self.final_name(key).partition('/')[2]}"
 
     def day(self, metrics: Mapping[str, float]) -> dict[str, float]:
         """A training day's metrics (``{internal key: value}``) under their MLflow names."""

@@ -55,6 +55,13 @@ def test_the_end_of_a_run_is_named_eval_throughput_total_and_run():
     }
 
 
+def test_a_parent_run_summarises_under_its_own_sections():
+    assert TWO.summary_name("joint_recall", "best") == "best/joint_recall_at_10_20"
+    assert TWO.summary_name("samples_per_s", "mean") == "mean/samples_per_s_total"
+    assert TWO.summary_name("wall_time_s", "std") == "std/wall_time_s"
+    assert internal_name("mean/joint_recall_at_10_20") == "mean/joint_recall_at_10_20"  # not a run's own
+
+
 def test_per_day_series_and_the_runs_end_never_share_a_name():
     day = set(TWO.day(DAY))
     assert not day & set(TWO.final(FINAL))

@@ -9,7 +9,7 @@ A sweep config is a YAML file::
     grid:                              # dotted config key -> list of values; the Cartesian product is swept
       objective.tau: [5, 50, 500]
       train.seed: [0, 1, 2]
-    asha: {metric: train_loss, mode: min, max_t: 100, grace_period: 1}   # optional early stopping
+    asha: {metric: loss/total, mode: min, max_t: 100, grace_period: 1}   # optional early stopping
     max_concurrent_trials: 2           # optional; default: derived from the cluster's CPUs
 
 Everything is validated by building every grid point's config with ``load_config`` before Ray starts.
@@ -19,8 +19,11 @@ The Tune experiment and the trials' Ray Train runs live under ``train.storage_pa
 ``resume=True`` restores it there (finished trials are not run again, including one whose MLflow run
 finished just before the kill although Tune had not saved it as terminated; unfinished ones continue
 from their last Ray Train checkpoint). The parent MLflow run holds the sweep config as params, the best
-trial (``best_joint_recall`` + ``best.*`` tags) and ``trials.csv``. Metric names follow the stage list
-(:func:`cascadelab.cascade.metrics.metric_names`). ray and mlflow are imported lazily (inside functions).
+trial's final metrics (``best/joint_recall_at_10_20``, ... and ``best.*`` tags) and ``trials.csv``.
+Tune and the trials table use the loop's metric keys, which follow the stage list
+(:func:`cascadelab.cascade.metrics.metric_names`); ``asha.metric`` takes a key (``train_loss``) or its
+MLflow name (``loss/total``; :mod:`cascadelab.platform.metric_names`). ray and mlflow are imported
+lazily (inside functions).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ import yaml
 from cascadelab.cascade.metrics import metric_names, stage_names
 from cascadelab.platform.cluster.storage import uri_scheme
 from cascadelab.platform.config import CascadeConfig, ConfigError, flatten, load_config, parse_override, unflatten
+from cascadelab.platform.metric_names import RUN_RATE, MetricNames, final_report, internal_name
 from cascadelab.platform.runtime import ensure_ray, start_local
 from cascadelab.platform.tracking import Tracker, resolve_tracking_uri, runs_named, search_runs
 from cascadelab.platform.train.plan import (
@@ -80,7 +84,7 @@ class AshaSpec:
     """Early stopping. ``time_attr`` is Tune's ``training_iteration``: one per training day (plus one
     per mid-day checkpoint when ``train.checkpoint_every_steps`` > 0, plus the final evaluation)."""
 
-    metric: str = "train_loss"  # must be reported every day: train_loss, stream_joint_recall, samples_per_s
+    metric: str = "train_loss"  # reported every day: train_loss, stream_joint_recall, samples_per_s (the keys)
     mode: str = "min"
     max_t: int = 100
     grace_period: int = 1
@@ -204,8 +208,8 @@ def _parse_asha(raw: Any, src: str) -> AshaSpec | None:
     if "metric" in raw:
         if not isinstance(raw["metric"], str) or not raw["metric"]:
             raise _error(src, "asha.metric", f"expected a metric name, got {raw['metric']!r}")
-        spec.metric = raw["metric"]
-        spec.mode = "min" if "loss" in spec.metric or spec.metric.endswith("_s") else "max"
+        spec.metric = raw["metric"]  # a key or an MLflow name; _check_asha_metric makes it the key
+        spec.mode = default_mode(spec.metric)
     if "mode" in raw:
         if raw["mode"] not in ("min", "max"):
             raise _error(src, "asha.mode", f"expected min or max, got {raw['mode']!r}")
@@ -218,18 +222,33 @@ def _parse_asha(raw: Any, src: str) -> AshaSpec | None:
     return spec
 
 
+def default_mode(metric: str) -> str:
+    """ASHA's mode for a metric key or MLflow name: ``min`` for losses (``train_loss``, ``loss/...``) and
+    times (``..._s``), ``max`` otherwise (recall, rates such as ``samples_per_s``)."""
+    key = internal_name(metric)
+    return "min" if "loss" in metric or (key.endswith("_s") and not key.endswith("_per_s")) else "max"
+
+
 def _check_asha_metric(spec: SweepSpec) -> None:
-    """ASHA's metric must be reported every day by every trial's cascade."""
+    """ASHA's metric must be reported every day by every trial's cascade; an MLflow name must be the one
+    every trial logs (its cut-offs), and becomes the key Tune sees."""
     if spec.asha is None:
         return
     metric, src = spec.asha.metric, spec.source
-    if metric in {*spec.metric_names(), *FINAL_EXTRA}:
+    key = internal_name(metric)
+    if key in {*spec.metric_names(), *FINAL_EXTRA, RUN_RATE}:
         raise _error(src, "asha.metric", f"'{metric}' is only reported when a trial ends, so ASHA could "
                      "never stop one early; use a per-day metric such as train_loss, or stream_joint_recall "
                      "with train.streaming_eval: true")
-    if metric.startswith("stream_") and not all(c.train.streaming_eval for c in spec.configs):
+    if key != metric:
+        logged = sorted({MetricNames.of(c).day_name(key) for c in spec.configs})
+        if logged != [metric]:
+            raise _error(src, "asha.metric", f"the trials log '{key}' as {' and '.join(map(repr, logged))}, "
+                         f"not '{metric}'")
+    if key.startswith("stream_") and not all(c.train.streaming_eval for c in spec.configs):
         raise _error(src, "asha.metric", f"'{metric}' needs train.streaming_eval: true in base "
                      "(streaming metrics are only reported with it)")
+    spec.asha.metric = key
 
 
 def _check_grid(grid: Any, src: str) -> dict[str, list[Any]]:
@@ -382,9 +401,10 @@ def _finished_run_metrics(cfg: CascadeConfig, run_name: str) -> dict[str, float]
     A sweep killed after a trial's run finished but before Tune saved that trial as terminated restores
     the trial as unfinished; it must not train (and end its MLflow run) a second time."""
     runs = runs_named(cfg.tracking.uri, cfg.tracking.experiment, run_name)
-    if len(runs) == 1 and runs[0].info.status == "FINISHED" and "joint_recall" in runs[0].data.metrics:
-        return dict(runs[0].data.metrics)
-    return None
+    if len(runs) != 1 or runs[0].info.status != "FINISHED":
+        return None
+    report = final_report(runs[0].data.metrics)  # the keys Tune saw, from MLflow names or old ones
+    return report if "joint_recall" in report else None
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.=,+-]+")
@@ -626,12 +646,21 @@ def _summarise(grid, spec: SweepSpec, parent: Tracker, path: str) -> SweepResult
     parent.log_text(_csv(rows), "trials.csv")
     parent.log_dict({"trials_finished": len(finished), "trials_errored": errors})
     if best is not None:
-        parent.log_dict({f"best_{m}": best[m] for m in shown if m in best})
+        names = MetricNames.of(_config_of(spec, best))
+        parent.log_dict({names.summary_name(m, "best"): best[m] for m in shown if m in best})
         parent.set_tags({"best.trial_id": best["trial_id"], "best.run_id": best["run_id"],
                          **{f"best.{k}": yaml_value(best[k]) for k in spec.grid}})
     incomplete = any(r["status"] in ("UNFINISHED", "NOT_STARTED") for r in rows)
     parent.close("FAILED" if errors else "KILLED" if incomplete else "FINISHED")
     return SweepResult(spec.name, path, parent.run_id, parent.uri, rows, best, errors)
+
+
+def _config_of(spec: SweepSpec, row: dict[str, Any]) -> CascadeConfig:
+    """The config of the grid point in trials-table ``row`` (its grid values)."""
+    for point, cfg in zip(spec.points(), spec.configs, strict=True):
+        if all(yaml_value(point[k]) == yaml_value(row.get(k)) for k in spec.grid):
+            return cfg
+    return spec.configs[0]
 
 
 def start_local_ray() -> None:

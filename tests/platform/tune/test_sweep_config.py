@@ -81,6 +81,12 @@ def test_yaml_value_reads_back_unchanged(value):
     ({"grid": GRID, "name": "a b"}, "key 'name'"),
     ({"grid": GRID, "asha": {"metric": "joint_recall"}}, "key 'asha.metric': 'joint_recall' is only reported"),
     ({"grid": GRID, "asha": {"metric": "stream_joint_recall"}}, "needs train.streaming_eval: true"),
+    ({"grid": GRID, "asha": {"metric": "eval/joint_recall_at_10_20"}},
+     "'eval/joint_recall_at_10_20' is only reported when a trial ends"),
+    ({"grid": GRID, "asha": {"metric": "throughput/samples_per_s_total"}}, "is only reported when a trial ends"),
+    ({"grid": GRID, "base": {"train": {"streaming_eval": True}},
+      "asha": {"metric": "stream/joint_recall_at_10_30"}},
+     "the trials log 'stream_joint_recall' as 'stream/joint_recall_at_10_20', not 'stream/joint_recall_at_10_30'"),
     ({"grid": GRID, "asha": {"grace": 1}}, "key 'asha.grace'"),
     ({"grid": GRID, "asha": {"mode": "up"}}, "key 'asha.mode'"),
     ({"grid": GRID, "asha": {"max_t": 2, "grace_period": 3}}, "key 'asha.grace_period'"),
@@ -101,6 +107,17 @@ def test_asha_defaults_and_mode_inference():
         "train_loss", "min", 1, 2)
     spec = _sweep(asha={"metric": "stream_joint_recall", "max_t": 8}, base={"train": {"streaming_eval": True}})
     assert spec.asha.mode == "max" and spec.asha.max_t == 8
+
+
+@pytest.mark.parametrize(("metric", "key", "mode"), [
+    ("loss/total", "train_loss", "min"), ("train_loss", "train_loss", "min"),
+    ("loss/dftopk_joint", "dftopk_joint", "min"), ("throughput/step_time_s", "step_time_s", "min"),
+    ("throughput/samples_per_s", "samples_per_s", "max"), ("samples_per_s", "samples_per_s", "max"),
+    ("stream/joint_recall_at_10_20", "stream_joint_recall", "max"),
+])
+def test_asha_takes_the_key_or_the_mlflow_name_and_tune_sees_the_key(metric, key, mode):
+    spec = _sweep(asha={"metric": metric}, base={"train": {"streaming_eval": True}})
+    assert (spec.asha.metric, spec.asha.mode) == (key, mode)
 
 
 @pytest.mark.parametrize(("cpus", "per_trial", "trials", "expected"), [
@@ -192,6 +209,12 @@ def test_a_trial_whose_mlflow_run_finished_is_not_trained_again(sqlite_uri):
     client.log_metric(partial.info.run_id, "train_loss", 1.0)
     client.set_terminated(partial.info.run_id, "FINISHED")
     assert _finished_run_metrics(cfg, "s-t2") is None  # no final evaluation
+    named = client.create_run(exp, run_name="s-t3")  # logged under the MLflow names
+    for name, value in (("eval/joint_recall_at_10_20", 0.75), ("throughput/samples_per_s_total", 900.0),
+                        ("throughput/samples_per_s", 800.0), ("loss/total", 1.0)):
+        client.log_metric(named.info.run_id, name, value)
+    client.set_terminated(named.info.run_id, "FINISHED")
+    assert _finished_run_metrics(cfg, "s-t3") == {"joint_recall": 0.75, "samples_per_s": 900.0, "train_loss": 1.0}
 
 
 def test_table_metrics_follow_the_stage_list():

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cascadelab.platform.metric_names import internal_metrics, logged_as
+
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 ROOT = Path(__file__).parents[3]
@@ -31,6 +33,11 @@ def _env() -> dict[str, str]:
     env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
     return env
+
+
+def _history(client, run, key: str) -> list:
+    """``key``'s history under the name ``run`` logged it (its MLflow name, or the key itself)."""
+    return client.get_metric_history(run.info.run_id, logged_as(client.get_run(run.info.run_id).data.metrics, key))
 
 
 def _children(client, parent_id: str) -> list:
@@ -147,13 +154,13 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, tiny_d
     for run_id, run in before.items():
         again = client.get_run(run_id)
         assert again.info.end_time == run.info.end_time
-        assert len(client.get_metric_history(run_id, "joint_recall")) == 1
+        assert len(_history(client, run, "joint_recall")) == 1
         same = [r for r in children if r.data.tags["cascadelab.trial_id"] == run.data.tags["cascadelab.trial_id"]]
         assert len(same) == 1
     for run in running:  # resumed in place: same MLflow run, day 0 (committed before the kill) not trained again
         again = client.get_run(run.info.run_id)
         assert again.info.status == "FINISHED"
-        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train_loss"))
+        steps = sorted(m.step for m in _history(client, run, "train_loss"))
         # day 1 may be logged twice: killed after its loss was logged but before Train committed its checkpoint
         assert steps.count(0) == 1 and set(steps) == {0, 1}, steps
     first_two = sorted(children, key=lambda r: r.info.start_time)[:2]
@@ -161,8 +168,9 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, tiny_d
 
     # [4] the best trial and the trials table on the parent
     parent = client.get_run(parent.info.run_id)
-    best = max(children, key=lambda r: r.data.metrics["joint_recall"])
-    assert parent.data.metrics["best_joint_recall"] == pytest.approx(best.data.metrics["joint_recall"])
+    best = max(children, key=lambda r: internal_metrics(r.data.metrics)["joint_recall"])
+    assert parent.data.metrics["best/joint_recall_at_10_20"] == pytest.approx(
+        internal_metrics(best.data.metrics)["joint_recall"])
     assert parent.data.tags["best.run_id"] == best.info.run_id
     assert parent.data.tags["best.objective.name"] == best.data.params["objective.name"]
     assert parent.data.params["grid.objective.name"] == "['bce', 'dftopk']"
