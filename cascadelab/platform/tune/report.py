@@ -10,8 +10,11 @@ why):
 * temperature: joint recall against each temperature that varies (``objective.tau`` ...);
 * negative samples: joint recall (and step time) against ``data.sample_num`` (DFTopK Fig. 4 shape);
 * streaming: joint recall on the next day per training day (DFTopK Fig. 5 shape);
-* throughput: training samples/s per method (``samples_per_s_total``, mean ± std over seeds);
+* throughput: training samples/s per method (``throughput/samples_per_s_total``, mean ± std over seeds);
 * trials: every child run with its MLflow run, linked to the UI when the tracking URI is http(s).
+
+A method table without the oracle column is listed among the left-out parts with the reason (the
+dataset is gone, records no oracle, or the runs evaluate another cut-off or candidate set).
 
 Self-contained: CSS inline, figures as base64 PNG data URIs, no script; the only links out of the page
 are the runs' MLflow UI addresses. The page is logged to each sweep's parent run under ``report/``.
@@ -213,8 +216,9 @@ def mean_std(values: list[float], digits: int) -> str:
 
 
 def throughput_frame(runs: pd.DataFrame, methods: list[str] | None = None) -> pd.DataFrame | None:
-    """Training samples/s per method over the finished ``runs`` (rows in ``methods`` order, e.g. the
-    method table's, then any other); None when no run logged its rate."""
+    """Training samples/s per method over the finished ``runs``: columns ``Method``, ``samples/s`` (the
+    cell text), ``runs``, ``mean``, ``std``; rows in ``methods`` order (e.g. the method table's), then any
+    other. None when no run logged its rate."""
     runs = finished(runs)
     col = throughput_column(runs)
     if col is None:
@@ -225,10 +229,10 @@ def throughput_frame(runs: pd.DataFrame, methods: list[str] | None = None) -> pd
         if not math.isnan(run[col]):
             by_method.setdefault(method_label(run, group), []).append(float(run[col]))
     order = [m for m in (methods or []) if m in by_method] + [m for m in by_method if m not in (methods or [])]
-    return pd.DataFrame({"Method": order, "samples/s": [mean_std(by_method[m], 0) for m in order],
-                         "runs": [len(by_method[m]) for m in order]}).assign(
-        _mean=[statistics.fmean(by_method[m]) for m in order],
-        _std=[statistics.stdev(by_method[m]) if len(by_method[m]) > 1 else 0.0 for m in order])
+    rates = [by_method[m] for m in order]
+    return pd.DataFrame({"Method": order, "samples/s": [mean_std(r, 0) for r in rates],
+                         "runs": [len(r) for r in rates], "mean": [statistics.fmean(r) for r in rates],
+                         "std": [statistics.stdev(r) if len(r) > 1 else 0.0 for r in rates]})
 
 
 def throughput_figure(frame: pd.DataFrame):
@@ -239,7 +243,7 @@ def throughput_figure(frame: pd.DataFrame):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 0.5 + 0.4 * len(frame)))
-    ax.barh(frame["Method"], frame["_mean"], xerr=frame["_std"], capsize=3)
+    ax.barh(frame["Method"], frame["mean"], xerr=frame["std"], capsize=3)
     ax.invert_yaxis()  # the table's order, top to bottom
     ax.set_xlabel("training samples/s")
     ax.grid(axis="x", alpha=0.3)

@@ -229,46 +229,9 @@ def _cell(values: list[float], digits: int = 4) -> str:
     return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-@pytest.mark.integration
-@pytest.mark.timeout(600)
-def test_report_of_a_real_sweep_matches_mlflow(tmp_path):
-    from mlflow import MlflowClient
-
-    from cascadelab.cli import main
-
-    tiny_dataset = tmp_path / "data"  # three days, one batch each: two training days, streamed, and the eval day
-    generate(SyntheticConfig(days=3, requests_per_day=64, seed=7), tiny_dataset)
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    config = tmp_path / "sweep.yaml"
-    config.write_text(yaml.safe_dump({
-        "name": "rep", "max_concurrent_trials": 2,
-        "base": {"data": {"path": str(tiny_dataset), "batch_size": 64},
-                 "train": {"num_workers": 1, "cpus_per_worker": 0.5, "storage_path": str(tmp_path / "results"),
-                           "checkpoints_to_keep": 1, "streaming_eval": True},
-                 "tracking": {"uri": uri, "experiment": "rep"}},
-        "grid": {"objective.name": ["bce", "dftopk"], "train.seed": [0, 1]}}))
-    t0 = time.monotonic()
-    sweep = subprocess.run([sys.executable, "-m", "cascadelab.jobs.sweep", str(config)], cwd=tmp_path, env=_env(),
-                           capture_output=True, text=True, timeout=540)
-    assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-3000:]
-    print(f"sweep of 4 trials: {time.monotonic() - t0:.0f} s")
-
-    out = tmp_path / "report" / "rep.html"
-    assert main(["report", "--sweep", "rep", "--out", str(out), "--tracking-uri", uri]) == 0
-    page = PageParser(out.read_text(encoding="utf-8"))
-    client = MlflowClient(uri)
-    parent = client.search_runs([client.get_experiment_by_name("rep").experiment_id],
-                                filter_string="tags.`cascadelab.sweep` = 'rep'")[0]
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    by_method = {m: sorted((r for r in children if r.data.params["objective.name"] == m),
-                           key=lambda r: r.data.params["train.seed"]) for m in ("bce", "dftopk")}
-    assert [len(v) for v in by_method.values()] == [2, 2]
-    assert page.sections == ["methods", "streaming", "throughput", "trials", "left-out"]
-
-    # the method table: every mean ± std is the children's, the difference is paired by seed, the oracle is
-    # the dataset's record for its evaluation (last) day
+def _check_methods(page: PageParser, by_method: dict[str, list], dataset: Path) -> None:
+    """Every mean ± std is the children's, the difference is paired by seed, the oracle is the dataset's
+    record for the evaluation (last) day."""
     methods = page.frame("rep/methods").set_index("Method")
     assert methods.index.tolist() == ["bce", "dftopk"]
     stage_columns = [c for c in methods.columns if c.split(" ")[0] in ("Ranking", "Retrieval")]
@@ -282,45 +245,95 @@ def test_report_of_a_real_sweep_matches_mlflow(tmp_path):
              for m, runs in by_method.items()}
     diff = difference(seeds["dftopk"], seeds["bce"])
     assert methods.loc["bce", "Δ vs bce (95% CI)"] == "reference"
-    assert methods.loc["dftopk", "Δ vs bce (95% CI)"].startswith(f"{diff.mean:+.4f} [{diff.lo:+.4f}, {diff.hi:+.4f}]"
-                                                                 " paired")
-    meta = json.loads((tiny_dataset / "dataset.json").read_text())
-    per_day = meta["extra"]["oracle"]["two_stage"]["per_day"]
+    assert methods.loc["dftopk", "Δ vs bce (95% CI)"].startswith(
+        f"{diff.mean:+.4f} [{diff.lo:+.4f}, {diff.hi:+.4f}] paired")
+    per_day = json.loads((dataset / "dataset.json").read_text())["extra"]["oracle"]["two_stage"]["per_day"]
     oracle = per_day[max(per_day)]["oracle"]
     for method, runs in by_method.items():
         mean = statistics.fmean(_metric(r, "joint_recall") for r in runs)
         assert methods.loc[method, "Oracle R@10@20"] == f"{oracle:.4f}"
         assert methods.loc[method, "of oracle"] == f"{mean / oracle:.3f}"
 
-    # streaming recall per day: the children's stream_joint_recall history (step d: trained through day d)
+
+def _check_streaming_and_throughput(page: PageParser, by_method: dict[str, list], client) -> None:
+    """Streaming cells are the children's stream joint recall history (step d: trained through day d,
+    scored on day d + 1); throughput cells their samples_per_s_total."""
     streaming = page.frame("rep/streaming").set_index("Method")
+    throughput = page.frame("rep/throughput").set_index("Method")
     for method, runs in by_method.items():
         histories = [{m.step: m.value for m in client.get_metric_history(r.info.run_id, _stream_key(r))}
                      for r in runs]
         days = sorted(histories[0])
-        assert streaming.columns.tolist() == [f"stream_day={d + 1}" for d in days]
+        assert len(days) == 2 and streaming.columns.tolist() == [f"stream_day={d + 1}" for d in days]
         for d in days:
             assert streaming.loc[method, f"stream_day={d + 1}"] == _cell([h[d] for h in histories])
-
-    # throughput per method, each trial with its run id (a sqlite store has no UI address: no links)
-    throughput = page.frame("rep/throughput").set_index("Method")
-    for method, runs in by_method.items():
         assert throughput.loc[method, "samples/s"] == _cell([_metric(r, "samples_per_s_total") for r in runs], 0)
+
+
+def _check_trials(page: PageParser, children: list, client) -> None:
+    """One row per child run, with its run id (a sqlite store has no UI address: no links)."""
     trials = page.frame("rep/trials")
     assert sorted(trials["MLflow run"]) == sorted(r.info.run_id for r in children)
+    assert all(href is None for row in page.tables["rep/trials"]["links"] for href in row)
     for _, row in trials.iterrows():
         run = client.get_run(row["MLflow run"])
         assert row["Trial"] == run.info.run_name and row["status"] == "FINISHED"
         assert row["Joint R@10@20"] == f"{_metric(run, 'joint_recall'):.4f}"
+
+
+def _sweep(tmp_path: Path, dataset: Path, uri: str) -> None:
+    """bce / dftopk x seeds 0, 1 with streaming evaluation, as `cascadelab sweep` runs it (own process, own Ray)."""
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "rep", "max_concurrent_trials": 2,
+        "base": {"data": {"path": str(dataset), "batch_size": 64},
+                 "train": {"num_workers": 1, "cpus_per_worker": 0.5, "storage_path": str(tmp_path / "results"),
+                           "checkpoints_to_keep": 1, "streaming_eval": True},
+                 "tracking": {"uri": uri, "experiment": "rep"}},
+        "grid": {"objective.name": ["bce", "dftopk"], "train.seed": [0, 1]}}))
+    t0 = time.monotonic()
+    sweep = subprocess.run([sys.executable, "-m", "cascadelab.jobs.sweep", str(config)], cwd=tmp_path, env=_env(),
+                           capture_output=True, text=True, timeout=540)
+    assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-3000:]
+    print(f"sweep of 4 trials: {time.monotonic() - t0:.0f} s")
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_report_of_a_real_sweep_matches_mlflow(tmp_path):
+    from mlflow import MlflowClient
+
+    from cascadelab.cli import main
+
+    dataset = tmp_path / "data"  # three days, one batch each: two training days, streamed, and the eval day
+    generate(SyntheticConfig(days=3, requests_per_day=64, seed=7), dataset)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _sweep(tmp_path, dataset, uri)
+
+    out = tmp_path / "report" / "rep.html"
+    assert main(["report", "--sweep", "rep", "--out", str(out), "--tracking-uri", uri]) == 0
+    page = PageParser(out.read_text(encoding="utf-8"))
+    client = MlflowClient(uri)
+    parent = client.search_runs([client.get_experiment_by_name("rep").experiment_id],
+                                filter_string="tags.`cascadelab.sweep` = 'rep'")[0]
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    by_method = {m: sorted((r for r in children if r.data.params["objective.name"] == m),
+                           key=lambda r: r.data.params["train.seed"]) for m in ("bce", "dftopk")}
+    assert [len(v) for v in by_method.values()] == [2, 2]
+    assert page.sections == ["methods", "streaming", "throughput", "trials", "left-out"]
+    _check_methods(page, by_method, dataset)
+    _check_streaming_and_throughput(page, by_method, client)
+    _check_trials(page, children, client)
     text = " ".join(" ".join(page.text).split())
     assert "Recall against temperature: no sweep varies a temperature" in text
     assert "Recall against negative samples: no sweep varies data.sample_num" in text
+    assert "Oracle column" not in text
     assert_self_contained(page)
     assert sum(tag == "img" for tag, _, _ in page.refs) == 2  # the streaming curve, the throughput bars
 
     # logged to the sweep's parent run, byte for byte
-    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
-    assert artifacts == {"report/rep.html"}
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} == {"report/rep.html"}
     logged = Path(client.download_artifacts(parent.info.run_id, "report/rep.html", str(tmp_path / "dl")))
     assert logged.read_bytes() == out.read_bytes()
 
