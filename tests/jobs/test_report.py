@@ -9,6 +9,7 @@ import pytest
 from cascadelab.cli import main
 from cascadelab.platform.config import flatten, load_config
 from cascadelab.platform.data.synthetic import SyntheticConfig, generate
+from cascadelab.platform.metric_names import MetricNames
 from cascadelab.platform.tracking import end_run, log_metrics, start_run
 from cascadelab.platform.tune.compare import DatasetReferences
 from cascadelab.platform.tune.report import load_sweep, render
@@ -99,6 +100,34 @@ def test_an_http_tracking_uri_links_every_trial(two_sweeps, tmp_path):
     assert links == [f"{server}/#/experiments/{sweep.experiment_id}/runs/{run_id}" for run_id in ids]
     assert f'<a href="{server}/#/experiments/{sweep.experiment_id}/runs/{parents["grid"]}">' in html
     assert_self_contained(page, allowed_href_prefix=f"{server}/#/experiments/{sweep.experiment_id}/runs/")
+
+
+def test_runs_logged_under_their_mlflow_names(tmp_path, capsys):
+    """The loop's keys under their MLflow names (eval/joint_recall_at_10_20, throughput/samples_per_s_total,
+    stream/joint_recall_at_10_20): the same page as under the old names."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = start_run(uri, "exp", "sweep-named", {}, tags={"cascadelab.sweep": "named"})
+    for name, base in (("bce", 0.80), ("dftopk", 0.86)):
+        for seed in (0, 1):
+            overrides = [f"objective.name={name}", f"train.seed={seed}", "train.streaming_eval=true"]
+            names = MetricNames.of(load_config(None, overrides))
+            run_id = start_run(uri, "exp", "-".join(overrides), flatten(load_config(None, overrides).to_dict()),
+                               tags={"mlflow.parentRunId": parent})
+            for step, value in enumerate([base - 0.1, base + seed / 100]):
+                log_metrics(uri, run_id, names.day({"stream_joint_recall": value}), step=step)
+            final = _metrics(base + seed / 100, 900 + 10 * seed)
+            final["samples_per_s"] = final.pop("samples_per_s_total")  # the workers' key for the run's rate
+            log_metrics(uri, run_id, names.final(final), step=2)
+            end_run(uri, run_id)
+    end_run(uri, parent)
+    out = tmp_path / "p.html"
+    assert main(["report", "--sweep", "named", "--out", str(out), "--tracking-uri", uri]) == 0
+    page = PageParser(out.read_text(encoding="utf-8"))
+    assert "throughput/samples_per_s_total" in mlflow.MlflowClient(uri).get_run(run_id).data.metrics
+    assert page.frame("named/methods").set_index("Method").loc["dftopk", "Ranking R@10@20"] == "0.8750 ± 0.0071"
+    assert page.frame("named/streaming").set_index("Method").loc["dftopk", "stream_day=2"] == "0.8650 ± 0.0071"
+    assert page.frame("named/throughput").set_index("Method").loc["bce", "samples/s"] == "905 ± 7"
+    assert page.frame("named/trials")["samples/s"].tolist() == ["900", "910"] * 2
 
 
 def test_an_unknown_sweep_is_one_line_and_writes_nothing(two_sweeps, tmp_path, capsys):
