@@ -12,12 +12,15 @@ from cascadelab.jobs.common import add_config_args, standalone
 from cascadelab.platform.config import CascadeConfig, load_config, parse_override, unflatten
 from cascadelab.platform.data.schema import METADATA_FILE
 from cascadelab.platform.data.synthetic import SyntheticConfig, generate
+from cascadelab.platform.tracking import client, ui_url
 from cascadelab.platform.train.run import run_training
 
 log = logging.getLogger(__name__)
 
 _SHORT = {"retrieval": "retr", "ranking": "rank"}  # column titles abbreviate the outer stages
 _SPEED = [("samples_per_s", "samples/s"), ("wall_time_s", "wall s")]
+EXPERIMENT = "cascadelab-demo"
+UI_SERVER = "http://127.0.0.1:5000"  # where `make ui` serves the MLflow UI
 
 
 def columns(cfg: CascadeConfig) -> list[tuple[str, str]]:
@@ -71,7 +74,7 @@ def main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     for name in [o.strip() for o in args.objectives.split(",") if o.strip()]:
         settings = {"data.path": str(data), "data.batch_size": 512, "objective.name": name,
-                    "tracking.experiment": "cascadelab-demo", **dict(map(parse_override, args.overrides))}
+                    "tracking.experiment": EXPERIMENT, **dict(map(parse_override, args.overrides))}
         cfg = load_config(args.config, unflatten(settings))  # --set last: it wins
         log.info("training %s", name)
         result = run_training(cfg)
@@ -79,10 +82,17 @@ def main(args: argparse.Namespace) -> int:
         uri = result.tracking_uri
     print()
     print(format_table(rows, columns(cfg)))
-    print(f"\n{len(rows)} runs in MLflow experiment 'cascadelab-demo' at {uri} "
+    print(f"\n{len(rows)} runs in MLflow experiment '{EXPERIMENT}' at {uri} "
           f"(total {time.perf_counter() - t0:.0f} s).")
-    print("Open them in the MLflow UI: make ui   (then http://127.0.0.1:5000)")
+    print(f"Open them in the MLflow UI: make ui, then {ui_hint(uri)}")
     return 0
+
+
+def ui_hint(uri: str) -> str:
+    """The demo experiment's page in the UI ``make ui`` serves (the "Model training" view); the UI's
+    address alone when the experiment is not in ``uri``'s store."""
+    exp = client(uri).get_experiment_by_name(EXPERIMENT)
+    return ui_url(UI_SERVER, exp.experiment_id) if exp is not None else UI_SERVER
 
 
 if __name__ == "__main__":

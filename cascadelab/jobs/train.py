@@ -1,8 +1,9 @@
 """``cascadelab train`` / ``python -m cascadelab.jobs.train``: tracked training runs on Ray.
 
 ``--seeds N`` repeats the run with N consecutive seeds under one MLflow parent run that holds the mean
-and standard deviation of every final metric; ``--resume RUN`` continues an interrupted run. The
-training driver (which imports Ray) is imported lazily.
+and standard deviation of every final metric (``mean/joint_recall_at_10_20``, ``std/...``; see
+:meth:`cascadelab.platform.metric_names.MetricNames.summary_name`); ``--resume RUN`` continues an
+interrupted run.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 from cascadelab.cascade.metrics import metric_names
 from cascadelab.jobs.common import add_config_args, standalone
 from cascadelab.platform.config import CascadeConfig, ConfigError, flatten, load_config
+from cascadelab.platform.metric_names import MetricNames
 from cascadelab.platform.tracking import Tracker, resolve_tracking_uri
 from cascadelab.platform.train.run import load_run_config, run_training
 
@@ -81,8 +83,9 @@ def repeat_seeds(args: argparse.Namespace, cfg: CascadeConfig) -> int:
         parent.close("FAILED")
         raise
     stats = mean_std(results)
-    parent.log_dict({**{f"{k}_mean": m for k, (m, _) in stats.items()},
-                     **{f"{k}_std": s for k, (_, s) in stats.items()}})
+    names = MetricNames.of(cfg)
+    parent.log_dict({**{names.summary_name(k, "mean"): m for k, (m, _) in stats.items()},
+                     **{names.summary_name(k, "std"): s for k, (_, s) in stats.items()}})
     parent.close()
     print(f"{cfg.objective.name}, {args.seeds} seeds ({base}..{base + args.seeds - 1}), "
           f"MLflow parent run {parent.run_id}:")

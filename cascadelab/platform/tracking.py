@@ -31,10 +31,14 @@ from cascadelab.platform.config import ConfigError
 
 log = logging.getLogger(__name__)
 
-#: The experiment tag MLflow's UI reads to pick an experiment's view; ``custom_model_development`` opens
-#: the "Model training" view (runs, metrics, models) instead of the GenAI traces view.
+#: The experiment tag that says what an experiment holds; ``custom_model_development``: model training
+#: (runs, metrics, models), not GenAI traces. MLflow's API and search read it. MLflow 3.17.2's UI does
+#: not pick its view from it: the sidebar's GenAI / "Model training" switch decides, from the page's
+#: ``workflowType`` query parameter, else the browser's localStorage ``mlflow.workflowType_v1`` (set when
+#: the user clicks the switch), else GenAI. So links this package prints carry :data:`UI_VIEW`.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING = "custom_model_development"
+UI_VIEW = "workflowType=machine_learning"  # the UI's query parameter for the "Model training" view
 ERROR_TAG = "cascadelab.error"  # a FAILED run's one-line reason
 MODEL_NAME = "model"  # the trained cascade, logged with mlflow.pytorch
 
@@ -47,6 +51,14 @@ def experiment_id(store, experiment: str) -> str:
     if EXPERIMENT_KIND_TAG not in exp.tags:
         store.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
     return exp.experiment_id
+
+
+def ui_url(server: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The MLflow UI page of an experiment (it opens on its runs) or of one of its runs, at the UI's
+    ``server`` address (``http://127.0.0.1:5000``), in the "Model training" view whatever the browser
+    last chose: ``<server>/#/experiments/<id>[/runs/<run_id>]?workflowType=machine_learning``."""
+    page = f"{server.rstrip('/')}/#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{page}?{UI_VIEW}"
 
 
 def _git(*args: str) -> str | None:

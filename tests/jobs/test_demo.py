@@ -24,3 +24,12 @@ def test_a_four_stage_table_shows_every_stage():
     assert header.split(" | ")[5].strip() == "prerank1 NDCG@10" and set(rule) == {"-", "+"}
     assert [c.strip() for c in row.split(" | ")] == ["bce", "0.5000", "0.5000", "0.5000", "0.5000", "0.2500",
                                                    "0.5000", "0.5000", "0.5000", "0.5000", "1234", "7.2"]
+
+
+def test_the_closing_hint_links_the_demo_experiment_in_the_model_training_view(sqlite_uri):
+    from cascadelab.jobs.demo import EXPERIMENT, ui_hint
+    from cascadelab.platform.tracking import Tracker
+
+    assert ui_hint(sqlite_uri) == "http://127.0.0.1:5000"  # no demo run yet
+    exp = Tracker.start(sqlite_uri, EXPERIMENT, "r").client.get_experiment_by_name(EXPERIMENT).experiment_id
+    assert ui_hint(sqlite_uri) == f"http://127.0.0.1:5000/#/experiments/{exp}?workflowType=machine_learning"

@@ -3,8 +3,9 @@
 A tiny real training run (local Ray, SQLite MLflow store) is tracked as users track theirs; a real
 ``mlflow server`` serves that store and playwright drives Debian's Chromium over the UI: the experiment's
 runs table (the run, its dataset and model, a metric and a param column added through "Columns"), the
-run's metric charts, its dataset (digest, profile, schema) and its logged model. Each page is saved as a
-PNG under the test's tmp dir, and also copied to ``$CASCADELAB_UI_SHOTS`` when that is set.
+run's metric charts, its dataset (digest, profile, schema) and its logged model, and which view (GenAI or
+"Model training") an experiment opens in. Each page is saved as a PNG under the test's tmp dir, and also
+copied to ``$CASCADELAB_UI_SHOTS`` when that is set.
 
 Skipped with the reason when playwright or a Chromium executable is missing (playwright cannot download
 its own browser here: ``apt-get install chromium``; ``$CASCADELAB_CHROMIUM`` names another executable).
@@ -21,12 +22,14 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import mlflow
 import pytest
 
+from cascadelab.platform import tracking
 from cascadelab.platform.config import load_config
-from cascadelab.platform.tracking import MODEL_NAME
+from cascadelab.platform.tracking import EXPERIMENT_KIND_TAG, MODEL_NAME, MODEL_TRAINING
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
 
@@ -293,3 +296,55 @@ def _appears(locator, timeout_ms: float = 10_000) -> bool:
     except sync_api.TimeoutError:
         return False
     return True
+
+
+# ---------------------------------------------------------------------------------------------- the view
+
+
+WORKFLOW_STORAGE = "mlflow.workflowType_v1"  # the UI's localStorage key of the sidebar's GenAI / Model training switch
+
+
+def _view(page) -> str:
+    """The view the page is in: the ``workflowType`` the UI writes into the page's address."""
+    page.wait_for_url("**workflowType=*")
+    return parse_qs(urlsplit(page.url.split("#", 1)[1]).query)["workflowType"][0]
+
+
+def _stored_view(page) -> str | None:
+    return page.evaluate(f"() => window.localStorage.getItem('{WORKFLOW_STORAGE}')")
+
+
+def test_the_links_cascadelab_prints_open_the_model_training_view(page, shot, ui_url, finished_run):
+    """In a browser that never chose a view: the experiment opens on its runs, the run on its page."""
+    run = finished_run["run"]
+    exp = run.info.experiment_id
+    _open(page, tracking.ui_url(ui_url, exp), _runs_listed)
+    assert _view(page) == "machine_learning" and "/runs?" in page.url
+    sync_api.expect(page.get_by_text("Model registry", exact=True)).to_be_visible()  # the training sidebar
+    assert _stored_view(page) is None  # nothing was chosen in this browser
+    shot("view_experiment_link")
+    _open(page, tracking.ui_url(ui_url, exp, run.info.run_id), _run_shown)
+    assert _view(page) == "machine_learning"
+    sync_api.expect(page.get_by_text("Model registry", exact=True)).to_be_visible()
+
+
+def test_the_browser_not_the_experiment_tag_picks_the_view(page, shot, ui_url, finished_run):
+    """MLflow 3.17.2: the experiment is tagged as model training, yet a plain link opens the GenAI view
+    until this browser's switch is set to "Model training" (kept in its localStorage)."""
+    run = finished_run["run"]
+    exp = run.info.experiment_id
+    assert mlflow.MlflowClient(finished_run["uri"]).get_experiment(exp).tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING
+    plain = f"{ui_url}/#/experiments/{exp}"
+    page.goto(plain)
+    assert _view(page) == "genai" and _stored_view(page) is None
+    shot("view_plain_link_genai")
+    got_it = page.get_by_text("Got it", exact=True)  # the GenAI overview's "Detect issues" tip
+    if got_it.count():
+        got_it.first.click()
+    page.get_by_text("Model training", exact=True).first.click()  # the sidebar's switch
+    _runs_listed(page).first.wait_for()
+    assert _view(page) == "machine_learning" and json.loads(_stored_view(page)) == "machine_learning"
+    again = page.context.new_page()  # the same browser profile: its choice holds for every plain link
+    again.goto(plain)
+    _runs_listed(again).first.wait_for()
+    assert _view(again) == "machine_learning"

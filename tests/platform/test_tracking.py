@@ -105,3 +105,12 @@ def test_a_dataset_input_and_a_failure_reason_are_logged(sqlite_uri, tmp_path):
     assert '"user_id"' in ds.dataset.schema and '"array"' in ds.dataset.schema
     assert [t.value for t in ds.tags if t.key == "mlflow.data.context"] == ["training"]
     assert run.data.tags["cascadelab.error"].startswith("DataError: 'x.parquet'")
+
+
+def test_ui_links_ask_for_the_model_training_view():
+    from cascadelab.platform.tracking import ui_url
+
+    assert ui_url("http://127.0.0.1:5000/", "3") == (
+        "http://127.0.0.1:5000/#/experiments/3?workflowType=machine_learning")
+    assert ui_url("http://head:5000", "3", "abc") == (
+        "http://head:5000/#/experiments/3/runs/abc?workflowType=machine_learning")
