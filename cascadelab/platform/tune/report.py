@@ -142,8 +142,8 @@ def html_table(frame: pd.DataFrame, table_id: str) -> str:
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
     body = "".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>\n"
                    for row in frame.itertuples(index=False, name=None))
-    return (f'<table id="{html.escape(table_id)}">\n<thead><tr>{head}</tr></thead>\n'
-            f"<tbody>\n{body}</tbody>\n</table>")
+    return (f'<div class="wide"><table id="{html.escape(table_id)}">\n<thead><tr>{head}</tr></thead>\n'
+            f"<tbody>\n{body}</tbody>\n</table></div>")
 
 
 def markdown_frame(markdown: str) -> tuple[pd.DataFrame, list[str]]:
@@ -366,7 +366,8 @@ def trials_section(sweeps: list[SweepData], uri: str) -> Section:
     return Section("trials", "Trials", f"Every trial of the sweep and its MLflow run ({how}).", "\n".join(parts))
 
 
-_CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;color:#222}
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1400px;padding:0 1em;color:#222}
+div.wide{overflow-x:auto}
 table{border-collapse:collapse;margin:.5em 0 1em;font-size:.9em}
 th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right;white-space:nowrap}
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
