@@ -106,17 +106,16 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout_s: float 
     pytest.fail(f"mlflow server not healthy after {timeout_s:.0f} s:\n{log.read_text()[-3000:]}")
 
 
-@pytest.fixture(scope="module")
-def ui_url(finished_run):
-    """A real ``mlflow server`` on the run's store (as ``make ui`` starts it), on a free local port."""
-    port, log = _free_port(), finished_run["root"] / "server.log"
+def _serve(uri: str, root: Path):
+    """A real ``mlflow server`` on the store at ``uri`` (as ``make ui`` starts it), on a free local port;
+    yields its address."""
+    port, log = _free_port(), root / "server.log"
     mlflow_bin = Path(sys.executable).with_name("mlflow")
-    cmd = [str(mlflow_bin), "server", "--backend-store-uri", finished_run["uri"], "--host", "127.0.0.1",
+    cmd = [str(mlflow_bin), "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
            "--port", str(port), "--workers", "1"]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=finished_run["root"],
-                                start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"
         _wait_healthy(url, proc, log)
@@ -128,6 +127,30 @@ def ui_url(finished_run):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def ui_url(finished_run):
+    """The UI over the finished training run's store."""
+    yield from _serve(finished_run["uri"], finished_run["root"])
+
+
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory):
+    """An experiment and a run as cascadelab's Tracker creates them (no training: the view an experiment
+    opens in is the experiment's and the browser's, not the run's)."""
+    root = tmp_path_factory.mktemp("ui_view")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    run = tracking.Tracker.start(uri, EXPERIMENT, "view-run", {"objective.name": "dftopk"})
+    run.log_dict({"eval/joint_recall_at_10_20": 0.8}, step=2)
+    run.close()
+    return {"root": root, "uri": uri, "run": run.client.get_run(run.run_id)}
+
+
+@pytest.fixture(scope="module")
+def view_url(tracked):
+    """The UI over the :func:`tracked` store."""
+    yield from _serve(tracked["uri"], tracked["root"])
 
 
 @pytest.fixture(scope="module")
@@ -314,27 +337,26 @@ def _stored_view(page) -> str | None:
     return page.evaluate(f"() => window.localStorage.getItem('{WORKFLOW_STORAGE}')")
 
 
-def test_the_links_cascadelab_prints_open_the_model_training_view(page, shot, ui_url, finished_run):
+def test_the_links_cascadelab_prints_open_the_model_training_view(page, shot, view_url, tracked):
     """In a browser that never chose a view: the experiment opens on its runs, the run on its page."""
-    run = finished_run["run"]
+    run = tracked["run"]
     exp = run.info.experiment_id
-    _open(page, tracking.ui_url(ui_url, exp), _runs_listed)
+    _open(page, tracking.ui_url(view_url, exp), _runs_listed)
     assert _view(page) == "machine_learning" and "/runs?" in page.url
     sync_api.expect(page.get_by_text("Model registry", exact=True)).to_be_visible()  # the training sidebar
     assert _stored_view(page) is None  # nothing was chosen in this browser
     shot("view_experiment_link")
-    _open(page, tracking.ui_url(ui_url, exp, run.info.run_id), _run_shown)
+    _open(page, tracking.ui_url(view_url, exp, run.info.run_id), _run_shown)
     assert _view(page) == "machine_learning"
     sync_api.expect(page.get_by_text("Model registry", exact=True)).to_be_visible()
 
 
-def test_the_browser_not_the_experiment_tag_picks_the_view(page, shot, ui_url, finished_run):
+def test_the_browser_not_the_experiment_tag_picks_the_view(page, shot, view_url, tracked):
     """MLflow 3.17.2: the experiment is tagged as model training, yet a plain link opens the GenAI view
     until this browser's switch is set to "Model training" (kept in its localStorage)."""
-    run = finished_run["run"]
-    exp = run.info.experiment_id
-    assert mlflow.MlflowClient(finished_run["uri"]).get_experiment(exp).tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING
-    plain = f"{ui_url}/#/experiments/{exp}"
+    exp = tracked["run"].info.experiment_id
+    assert mlflow.MlflowClient(tracked["uri"]).get_experiment(exp).tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING
+    plain = f"{view_url}/#/experiments/{exp}"
     page.goto(plain)
     assert _view(page) == "genai" and _stored_view(page) is None
     shot("view_plain_link_genai")
