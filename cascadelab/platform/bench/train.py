@@ -9,7 +9,8 @@ ratio, and the 2-worker scaling efficiency = rate(2 workers) / (2 x rate(1 worke
 
 Fixed cost (:func:`fixed_costs`, from the 1-worker run's timeline, on a Ray cluster already running):
 the time from ``run_training``'s start to the first training step, split into the driver's work before
-``fit()`` (plan, MLflow run), Ray Train's worker-group start (up to the worker function's first line),
+``fit()`` (plan, MLflow run; then the progress queue and planning the datasets), Ray Train's start
+(controller, worker group, dataset iterators: up to the worker function's first line),
 the trainer's set-up (model, DDP wrap, checkpoint restore) and the wait for the first batch; the gap at
 each day boundary (from a day's last step to the next day's first: the day's report and checkpoint and
 the next batch); and end-to-end samples/s (rows over ``fit()``'s wall time) over the steady state.
@@ -156,7 +157,8 @@ def fixed_costs(timeline: dict) -> dict:
     gaps = [first[d + 1] - last[d] for d in days[:-1]]
     return {"time_to_first_step_s": first[days[0]] - timeline["start"],
             "before_fit_s": timeline["fit_start"] - timeline["start"],
-            "worker_group_start_s": timeline["worker_start"] - timeline["fit_start"],
+            "datasets_planned_s": timeline["fit_call"] - timeline["fit_start"],
+            "worker_group_start_s": timeline["worker_start"] - timeline["fit_call"],
             "trainer_setup_s": timeline["ready"] - timeline["worker_start"],
             "first_batch_wait_s": first[days[0]] - timeline["ready"],
             "day_boundary_s": gaps, "day_boundary_max_s": max(gaps, default=0.0),

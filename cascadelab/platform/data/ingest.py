@@ -1,7 +1,9 @@
-"""Ray Data ingest: one dataset per day with column projection, collated to torch without copies.
+"""Ray Data ingest: datasets of days with column projection, collated to torch without copies.
 
-``read_day`` checks the day's files before any Ray work (a missing directory, a day with no files, a
-missing column or a wrong list length each stop with one line naming the file and the column).
+``read_day`` (one day) and ``read_days`` (several days as one dataset, each row with the path of its
+file, so that a reader of the stream knows each row's day: :func:`split_by_day`) check the days' files
+before any Ray work (a missing directory, a day with no files, a missing column or a wrong list length
+each stop with one line naming the file and the column).
 ``ArrowToTorch`` turns an Arrow batch into the tensors of a ``CascadeBatch``: the fixed-size list
 columns are reinterpreted as ``[B, slots, fields]`` views of the Arrow buffers; only the concatenation
 of the candidate groups copies. ``ray.data`` is imported lazily, by the function that builds a dataset.
@@ -60,16 +62,55 @@ def read_day(root: str | Path, day: str, meta: DatasetMeta, groups: tuple[str, .
     return ds
 
 
+def read_days(root: str | Path, days: list[str], meta: DatasetMeta, groups: tuple[str, ...],
+              files: dict[str, list[str]] | None = None, reader: str = "auto"):
+    """One Ray Dataset of ``days`` in the order given (each day's files in order; read it with
+    ``preserve_order``), projected like :func:`read_day`, plus the column ``PATH_COLUMN``: each row's
+    file. ``files``: each day's files to read (default: all, after a schema check)."""
+    import ray.data
+    from ray.data import DataContext
+
+    paths = [f for day in days for f in (files[day] if files is not None else day_files(root, day, meta.mode, groups))]
+    ctx = DataContext.get_current()
+    previous, ctx.use_datasource_v2 = ctx.use_datasource_v2, pick_reader(paths, reader) == "v2"
+    try:
+        return ray.data.read_parquet(paths, columns=columns_for(groups), partitioning=None, include_paths=True)
+    finally:
+        ctx.use_datasource_v2 = previous
+
+
+PATH_COLUMN = "path"  # what read_parquet(include_paths=True) names it
+
+
+def day_of_path(path: str) -> str:
+    """The day of a file under ``DIR/day=YYYY-MM-DD/`` (a local path or a URI)."""
+    return Path(path).parent.name.removeprefix("day=")
+
+
+def split_by_day(table: pa.Table, day_index: dict[str, int]) -> list[tuple[int, pa.Table]]:
+    """A batch of :func:`read_days`'s stream as its consecutive runs of one day: ``[(index of the day in
+    day_index, rows without the path column), ...]`` in row order."""
+    if table.num_rows == 0:
+        return []
+    paths = table.column(PATH_COLUMN).combine_chunks().dictionary_encode()
+    of_path = np.array([day_index[day_of_path(p)] for p in paths.dictionary.to_pylist()], dtype=np.int64)
+    day = of_path[paths.indices.to_numpy(zero_copy_only=False)]
+    cuts = [0, *(np.flatnonzero(np.diff(day)) + 1).tolist(), table.num_rows]
+    rows = table.drop_columns([PATH_COLUMN])
+    return [(int(day[a]), rows.slice(a, b - a)) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+
+
 V2_MIN_BYTES = 64 << 20
 
 
 def pick_reader(files: list[str], reader: str = "auto") -> str:
-    """"v1" or "v2" for a day's files; "auto": v1 below ``V2_MIN_BYTES`` of Parquet, else v2.
+    """"v1" or "v2" for a dataset's files; "auto": v1 below ``V2_MIN_BYTES`` of Parquet, else v2.
 
     Even with an explicit file list, Ray 2.60's v2 reader runs a ListFiles task and provisions footer
-    readers for each dataset, and a run reads one dataset per day: a fixed start-up cost per day, which
-    v1 does not pay and which dominates small days; on large days v2 streams faster per Train worker
-    (``cascadelab bench ingest`` measures both). Sizes that cannot be read (remote paths) count as large.
+    readers for each dataset (a run reads one for its training days and one for its evaluation day): a
+    fixed start-up cost, which v1 does not pay and which dominates small data; on large days v2 streams
+    faster per Train worker (``cascadelab bench ingest`` measures both). Sizes that cannot be read
+    (remote paths) count as large.
     """
     if reader != "auto":
         return reader

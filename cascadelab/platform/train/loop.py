@@ -1,15 +1,21 @@
 """The Ray Train worker loop: one loop for every objective and any number of stages.
 
-Each worker receives ``{"plan": RunPlan, "tracker": Tracker}`` as its ``train_loop_config``. It trains
-day by day in date order (one Ray Dataset shard per day). Checkpoints after each day and, if
-``train.checkpoint_every_steps > 0``, every N steps; the checkpoint records the day and the number of
-batches of that day already trained, so a replaced worker group resumes exactly there (earlier batches
-of the day are read and skipped, never trained twice; the order is deterministic because training
+Each worker receives its ``train_loop_config`` (see :func:`train_loop_per_worker`). It trains day by
+day in date order from one Ray Data pipeline for the whole run: the ``train`` dataset holds every
+training day, each worker streams all of it once and :class:`DayBatcher` cuts it into its share of
+each day, in batches that never hold rows of two days (collated one or two batches ahead by a thread,
+:func:`prefetched`). Checkpoints after each day and, if ``train.checkpoint_every_steps > 0``, every N
+steps; the checkpoint records the day and the number of batches of that day already trained, so a
+replaced worker group resumes exactly there (earlier days are read and dropped, earlier batches of the
+day are read, collated and skipped, never trained twice; the order is deterministic because the
 datasets are read with ``preserve_order``). With ``train.streaming_eval`` the model trained on the days
 before ``t`` is evaluated on day ``t`` (the papers' Figure 2 protocol). Every rank calls
-``ray.train.report`` the same number of times (it is a barrier). A failure of a day's data pipeline
-leaves the worker as a :class:`ShardError` naming the day; a checkpoint that cannot be written (a full
-disk) as a :class:`~cascadelab.platform.train.checkpoint.CheckpointWriteError` naming the file.
+``ray.train.report`` the same number of times (it is a barrier). A failure of the data pipeline leaves
+the worker as a :class:`ShardError` naming the day in progress (a failed data check names its own day);
+a checkpoint that cannot be written (a full disk) as a
+:class:`~cascadelab.platform.train.checkpoint.CheckpointWriteError` naming the file. Rank 0 records a
+:class:`Timeline` of the run's fixed costs and sends its in-day progress to the driver
+(:class:`LiveProgress`).
 
 Tracking: rank 0 logs each day's metrics to MLflow (step = day index) through a :class:`DayMetricsWriter`,
 a background thread, so training goes on while the tracking server is away. The days' metrics travel
@@ -43,11 +49,13 @@ import queue
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
 import torch
 import torch.distributed as dist
 
@@ -55,7 +63,7 @@ from cascadelab.cascade.batch import CascadeBatch
 from cascadelab.cascade.cascade import Cascade
 from cascadelab.cascade.metrics import finalize, metric_sums
 from cascadelab.cascade.models.compiled import compile_stages
-from cascadelab.platform.data.ingest import ArrowToTorch
+from cascadelab.platform.data.ingest import ArrowToTorch, split_by_day
 from cascadelab.platform.data.schema import DataError
 from cascadelab.platform.tracking import Tracker
 from cascadelab.platform.train.checkpoint import read_checkpoint, write_checkpoint
@@ -100,8 +108,9 @@ class ShardError(DataError):
         return cls(day, f"reading day '{day}' failed: {type(exc).__name__}: {first}", checked=False)
 
 
-def read_shard(batches: Iterable, day: str) -> Iterator:
-    """``batches`` as they come, with any failure of the data pipeline raised as a ShardError of ``day``."""
+def read_shard(batches: Iterable, day: str | Callable[[], str]) -> Iterator:
+    """``batches`` as they come, with any failure of the data pipeline raised as a ShardError of ``day``
+    (a callable: the day in progress when the failure came)."""
     it = iter(batches)
     while True:
         try:
@@ -109,7 +118,80 @@ def read_shard(batches: Iterable, day: str) -> Iterator:
         except StopIteration:
             return
         except Exception as exc:  # noqa: BLE001 - every failure of the pipeline is a failure of this day
-            raise ShardError.from_failure(day, exc) from exc
+            raise ShardError.from_failure(day() if callable(day) else day, exc) from exc
+        yield item
+
+
+class DayBatcher:
+    """One worker's batches of the run's training stream (every training day in date order, as
+    :func:`~cascadelab.platform.data.ingest.split_by_day` runs), day by day: ``batches(runs)`` yields
+    ``(day index, pa.Table)`` with ``batch_size`` rows each, the last batch of a day shorter, never a
+    row of two days in one batch.
+
+    Each worker sees the whole stream and keeps its share of day ``d``: the rows ``i`` (in the day's
+    order) with ``i % world == rank`` and ``i < limit[d]``, where ``limit[d]`` is the day's row count
+    (capped by ``data.max_rows_per_day``), rounded down to a multiple of ``world``; so every worker
+    trains the same number of batches of each day (DDP and the per-day reports stay in step), as an
+    equal split of each day would give. With ``shuffle_rows > 0`` a day's rows are permuted in windows
+    of that many rows (a generator seeded by ``seed`` and the day), so the order is deterministic.
+    """
+
+    def __init__(self, limit: list[int], batch_size: int, rank: int = 0, world: int = 1, shuffle_rows: int = 0,
+                 seed: int = 0):
+        self.limit = [n // world * world for n in limit]
+        self.batch_size, self.rank, self.world = batch_size, rank, world
+        self.window, self.shuffle, self.seed = max(shuffle_rows, batch_size), shuffle_rows > 0, seed
+        self._day, self._seen, self._buf, self._rng = -1, 0, [], None
+
+    def batches(self, runs: Iterable[tuple[int, pa.Table]]) -> Iterator[tuple[int, pa.Table]]:
+        for day, rows in runs:
+            if day != self._day:
+                yield from self._emit(final=True)
+                self._day, self._seen, self._buf = day, 0, []
+                self._rng = np.random.default_rng([self.seed, day])
+            first, self._seen = self._seen, self._seen + rows.num_rows
+            index = np.arange(first, self._seen)
+            mine = index[(index % self.world == self.rank) & (index < self.limit[day])] - first
+            if len(mine):
+                self._buf.append(rows.take(mine))
+            yield from self._emit(final=False)
+        yield from self._emit(final=True)
+
+    def _emit(self, final: bool) -> Iterator[tuple[int, pa.Table]]:
+        """Full batches of the buffered rows once a window is buffered (every row at the end of a day)."""
+        held = sum(t.num_rows for t in self._buf)
+        if held == 0 or (held < self.window and not final):
+            return
+        table = pa.concat_tables(self._buf)
+        if self.shuffle:
+            table = table.take(self._rng.permutation(held))
+        ready = held if final else held // self.batch_size * self.batch_size
+        for start in range(0, ready, self.batch_size):
+            yield self._day, table.slice(start, min(self.batch_size, ready - start))
+        self._buf = [table.slice(ready)] if ready < held else []
+
+
+def prefetched(items: Iterator, depth: int = 2) -> Iterator:
+    """``items`` produced by a daemon thread up to ``depth`` ahead (collating while the model trains);
+    an exception of the producer is raised here, in order."""
+    done, ahead = object(), queue.Queue(maxsize=depth)
+
+    def produce() -> None:
+        try:
+            for item in items:
+                ahead.put((item, None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            ahead.put((done, exc))
+            return
+        ahead.put((done, None))
+
+    threading.Thread(target=produce, name="train-batches", daemon=True).start()
+    while True:
+        item, exc = ahead.get()
+        if item is done:
+            if exc is not None:
+                raise exc
+            return
         yield item
 
 
@@ -408,12 +490,16 @@ def _maybe_fail(plan: RunPlan, state: LoopState, rank: int) -> None:
 class _Trainer:
     """The per-worker training state and the steps of the loop (kept small so the loop reads top-down)."""
 
-    def __init__(self, plan: RunPlan, tracker: Tracker, progress_sink=None, timeline: Timeline | None = None):
+    def __init__(self, plan: RunPlan, tracker: Tracker, day_rows: list[int], progress_sink=None,
+                 timeline: Timeline | None = None):
         import ray.train
         from ray.train.torch import get_device, prepare_model
 
         self.plan, self.tracker, self.cfg = plan, tracker, plan.config
+        self.day_rows = day_rows  # rows of each training day the run trains (all workers)
         self.timeline = timeline or Timeline()
+        self._stream: Iterator | None = None  # the run's one training pipeline, opened by the first day
+        self._held: tuple[int, dict[str, torch.Tensor]] | None = None  # a later day's first batch, read ahead
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         torch.set_num_threads(plan.torch_threads)
@@ -491,15 +577,39 @@ class _Trainer:
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({**metrics, "global_step": self.state.global_step}, checkpoint=ckpt)
 
-    def _batches(self, day_index: int) -> Iterator[dict[str, torch.Tensor]]:
+    def _train_stream(self) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """The run's one training pipeline: ``(day index, collated batch)`` of this worker's share of every
+        training day from the day in progress on (earlier days are read and dropped, never collated)."""
         import ray.train
 
-        cfg, day = self.cfg, self.plan.train_days[day_index]
-        shard = ray.train.get_dataset_shard(f"train-{day}")
-        return read_shard(shard.iter_torch_batches(
-            batch_size=cfg.data.batch_size, collate_fn=self.collate_for(day), device=self.device,
-            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
-            local_shuffle_seed=cfg.train.seed + day_index), day)
+        cfg, days, start = self.cfg, self.plan.train_days, self.state.day
+        tables = ray.train.get_dataset_shard("train").iter_batches(batch_size=cfg.data.batch_size,
+                                                                    batch_format="pyarrow")
+        day_index = {d: i for i, d in enumerate(days)}
+        batcher = DayBatcher(self.day_rows, cfg.data.batch_size, self.rank, self.world, cfg.data.shuffle_buffer,
+                             cfg.train.seed)
+        collate, collate_day = None, -1
+        for day, table in batcher.batches(run for t in tables for run in split_by_day(t, day_index)):
+            if day < start:
+                continue
+            if day != collate_day:  # a day's own collate: its checks name the day, its negatives restart
+                collate, collate_day = self.collate_for(days[day]), day
+            yield day, collate(table)
+
+    def _day_batches(self, day_index: int) -> Iterator[dict[str, torch.Tensor]]:
+        """The batches of training day ``day_index`` from the run's pipeline (collated ahead in a thread);
+        a failure there is a ShardError of the day in progress."""
+        if self._stream is None:
+            days = self.plan.train_days
+            in_progress = lambda: days[min(self.state.day, len(days) - 1)]  # noqa: E731
+            self._stream = read_shard(prefetched(self._train_stream()), in_progress)
+        while True:
+            if self._held is None:
+                self._held = next(self._stream, None)
+            if self._held is None or self._held[0] != day_index:
+                return
+            tensors, self._held = self._held[1], None
+            yield tensors
 
     def train_day(self, day_index: int) -> dict[str, float]:
         """Train one day (from the checkpointed batch when resuming it); returns the day's metrics."""
@@ -507,7 +617,7 @@ class _Trainer:
         skip = st.step_in_day if day_index == st.day else 0
         st.day, st.step_in_day = day_index, skip
         rows, sums, clock = 0, {}, DayClock()
-        for i, tensors in enumerate(self._batches(day_index)):
+        for i, tensors in enumerate(self._day_batches(day_index)):
             if i < skip:  # trained before a failure; the checkpoint already holds its update
                 clock.restart()
                 continue
@@ -515,7 +625,7 @@ class _Trainer:
             self.timeline.stepping(day_index)
             self.hooks.pause(st.global_step, self.rank)
             _maybe_fail(self.plan, st, self.rank)
-            batch = CascadeBatch.from_dict(tensors)
+            batch = CascadeBatch.from_dict(tensors).to(self.device, non_blocking=True)
             for key, value in self.step(batch).items():  # stays on device: no per-step host sync
                 sums[key] = sums.get(key, 0.0) + value
             rows += batch.size
@@ -572,17 +682,18 @@ class _Trainer:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
-    """Ray Train's worker function: ``config = {"plan": RunPlan, "tracker": Tracker, "progress": sink}``
-    (``progress``: optional, a queue with ``put_nowait`` for rank 0's in-day progress, see
-    :class:`LiveProgress`). Returns ``{"metrics": final evaluation and throughput, "timeline": the
-    :class:`Timeline` as a dict}``; rank 0's value reaches the driver as ``Result.return_value``."""
+    """Ray Train's worker function: ``config = {"plan": RunPlan, "tracker": Tracker, "day_rows": [rows of
+    each training day to train], "progress": sink}`` (``progress``: optional, a queue with ``put_nowait``
+    for rank 0's in-day progress, see :class:`LiveProgress`). Returns ``{"metrics": final evaluation and
+    throughput, "timeline": the :class:`Timeline` as a dict}``; rank 0's value reaches the driver as
+    ``Result.return_value``."""
     import ray.train
 
     timeline = Timeline()
     if not logging.getLogger().handlers:  # worker processes start without logging configured
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     plan: RunPlan = config["plan"]
-    t = _Trainer(plan, config["tracker"], config.get("progress"), timeline)
+    t = _Trainer(plan, config["tracker"], config["day_rows"], config.get("progress"), timeline)
     days = plan.train_days
     stream_final: dict[str, float] | None = None
     for day_index in range(t.state.day, len(days)):

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from cascadelab.cascade.cascade import SCORER_INPUTS, CascadeScorer
 from cascadelab.platform.cluster.storage import check_storage_path, uri_scheme
 from cascadelab.platform.config import CascadeConfig, ConfigError, from_dict, run_params
-from cascadelab.platform.data.ingest import arrow_to_tensors, read_day
+from cascadelab.platform.data.ingest import arrow_to_tensors, read_day, read_days
 from cascadelab.platform.data.schema import METADATA_FILE, DataError, day_dir_files
 from cascadelab.platform.data.validate import DayFiles, find_bad_file, validate_days
 from cascadelab.platform.runtime import decide_use_gpu, ensure_ray, one_line_error
@@ -52,7 +52,8 @@ class TrainResult:
     """``metrics``: the final evaluation and throughput as the workers returned them (``samples_per_s``
     is the run's total rate, logged to MLflow as ``samples_per_s_total``), plus ``wall_time_s`` (from
     ``fit()`` to its end). ``timeline``: wall-clock marks (``time.time()``) of the run's fixed costs:
-    ``start`` (``run_training`` called), ``fit_start``, ``fit_end`` and rank 0's
+    ``start`` (``run_training`` called), ``fit_start`` (Ray up, the MLflow run open), ``fit_call``
+    (the progress queue up, the datasets planned: ``fit()`` called), ``fit_end`` and rank 0's
     :class:`~cascadelab.platform.train.loop.Timeline` (``worker_start``, ``ready``, ``day_first_step``,
     ``day_last_step``)."""
 
@@ -111,6 +112,7 @@ def run_training(cfg: CascadeConfig, resume: str | None = None, tags: dict[str, 
     try:
         with DriverProgress(plan, enabled=progress) as shown:
             trainer = _trainer(plan, tracker, files, [*(callbacks or []), *shown.callbacks()], shown.queue)
+            marks["fit_call"] = time.time()
             result = trainer.fit()
         marks["fit_end"] = time.time()
         return _finish(plan, tracker, result, time.perf_counter() - t0, marks)
@@ -186,23 +188,46 @@ def _open_run(plan: RunPlan, resumed: Tracker | None, tags: dict[str, str] | Non
 
 
 def build_datasets(plan: RunPlan, files: DayFiles | None = None) -> dict:
-    """One Ray Dataset per training day (``train-<day>``, capped at ``data.max_rows_per_day``) and the
-    held-out day (``eval``, capped at ``data.max_eval_rows``). Planning a dataset reads footers (and
-    samples rows); a failure there is a ShardError of that day."""
+    """The run's Ray Datasets: ``train``, every training day in date order as one dataset (one pipeline
+    for the whole run; each row carries its file's path and the loop splits the stream into days, see
+    :class:`~cascadelab.platform.train.loop.DayBatcher`), ``eval``, the held-out day (capped at
+    ``data.max_eval_rows``), and with ``train.streaming_eval`` ``train-<day>`` for each training day after
+    the first (scored by the model of the days before it, capped at ``data.max_rows_per_day``). Planning
+    a dataset reads footers (and samples rows); a failure there is a ShardError of its (first) day."""
     data = plan.config.data
+    good = None if files is None else files.good
 
-    def dataset(day: str, max_rows: int | None):
+    def planned(day: str, read):
         try:
-            return read_day(data.path, day, plan.meta, plan.groups, max_rows,
-                            None if files is None else files.good[day], reader=data.parquet_reader)
+            return read()
         except DataError:
             raise
-        except Exception as exc:  # noqa: BLE001 - any failure to plan a day's read is that day's
+        except Exception as exc:  # noqa: BLE001 - any failure to plan a read is its days'
             raise ShardError.from_failure(day, exc) from exc
 
-    datasets = {f"train-{d}": dataset(d, data.max_rows_per_day) for d in plan.train_days}
-    datasets["eval"] = dataset(plan.eval_day, data.max_eval_rows)
+    def one_day(day: str, max_rows: int | None):
+        return planned(day, lambda: read_day(data.path, day, plan.meta, plan.groups, max_rows,
+                                             None if good is None else good[day], reader=data.parquet_reader))
+
+    days = list(plan.train_days)
+    datasets = {"train": planned(days[0], lambda: read_days(data.path, days, plan.meta, plan.groups, good,
+                                                            reader=data.parquet_reader))}
+    if plan.config.train.streaming_eval:
+        datasets.update({f"train-{d}": one_day(d, data.max_rows_per_day) for d in days[1:]})
+    datasets["eval"] = one_day(plan.eval_day, data.max_eval_rows)
     return datasets
+
+
+def training_rows(plan: RunPlan, files: DayFiles | None = None) -> list[int]:
+    """Rows the run trains of each training day, all workers together: the rows of the day's files
+    (the good ones with ``data.skip_bad_files``, from their footers), capped at ``data.max_rows_per_day``."""
+    cap = plan.config.data.max_rows_per_day
+    rows = []
+    for day in plan.train_days:
+        paths = files.good[day] if files is not None else day_dir_files(plan.config.data.path, day)
+        total = sum(pq.ParquetFile(path).metadata.num_rows for path in paths)
+        rows.append(total if cap is None else min(total, cap))
+    return rows
 
 
 def _trainer(plan: RunPlan, tracker: Tracker, files: DayFiles | None, callbacks: list | None,
@@ -216,14 +241,17 @@ def _trainer(plan: RunPlan, tracker: Tracker, files: DayFiles | None, callbacks:
     train = plan.config.train
     datasets = build_datasets(plan, files)
     ordered = ExecutionOptions(preserve_order=True)  # deterministic batches: exact mid-day resume
+    config = {"plan": plan, "tracker": tracker, "day_rows": training_rows(plan, files), "progress": progress_sink}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"plan": plan, "tracker": tracker, "progress": progress_sink},
+        train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=plan.use_gpu,
                                      resources_per_worker={"CPU": train.cpus_per_worker,
                                                            **({"GPU": 1} if plan.use_gpu else {})}),
         datasets=datasets,
-        dataset_config=DataConfig(execution_options={name: ordered for name in datasets}),
+        # every worker streams the whole of "train" and keeps its share of each day (loop.DayBatcher)
+        dataset_config=DataConfig(datasets_to_split=[name for name in datasets if name != "train"],
+                                  execution_options={name: ordered for name in datasets}),
         run_config=RunConfig(name=plan.run_name, storage_path=plan.storage_path,
                              failure_config=FailureConfig(max_failures=train.max_failures),
                              callbacks=list(callbacks or []),

@@ -256,14 +256,29 @@ def test_skip_bad_files_trains_on_the_rest_and_logs_the_count(env, two_file_data
 
 def test_the_eval_day_is_capped_by_max_eval_rows_never_by_the_training_cap(env, ray_local):
     from cascadelab.platform.train.plan import plan_run
-    from cascadelab.platform.train.run import build_datasets
+    from cascadelab.platform.train.run import build_datasets, training_rows
 
     def counts(*extra):
-        datasets = build_datasets(plan_run(_cfg(env["data"], env["uri"], env["storage"], *extra)))
-        return {name: ds.count() for name, ds in datasets.items()}
+        plan = plan_run(_cfg(env["data"], env["uri"], env["storage"], *extra))
+        return {name: ds.count() for name, ds in build_datasets(plan).items()}, training_rows(plan)
 
-    assert counts("data.max_rows_per_day=32") == {"train-2024-01-13": 32, "train-2024-01-14": 32, "eval": 192}
-    assert counts("data.max_rows_per_day=32", "data.max_eval_rows=50")["eval"] == 50
+    # one dataset over both training days (the loop trains the capped rows of each), the eval day apart
+    assert counts("data.max_rows_per_day=32") == ({"train": 384, "eval": 192}, [32, 32])
+    assert counts("data.max_rows_per_day=32", "data.max_eval_rows=50")[0]["eval"] == 50
+    streamed, _ = counts("data.max_rows_per_day=32", "train.streaming_eval=true")
+    assert streamed == {"train": 384, "train-2024-01-14": 32, "eval": 192}  # day 2 scored by the day-1 model
+
+
+def test_a_capped_run_trains_the_capped_rows_of_each_day(env, ray_local):
+    from cascadelab.platform.train.run import run_training
+
+    result = run_training(_cfg(env["data"], env["uri"], env["storage"], "data.max_rows_per_day=100"))
+    assert result.metrics["train_rows"] == 200 and result.metrics["global_steps"] == 4  # 64 + 36 per day
+    timeline = result.timeline
+    assert sorted(timeline["day_first_step"]) == [0, 1]
+    assert timeline["start"] < timeline["fit_start"] < timeline["fit_call"] < timeline["worker_start"]
+    assert timeline["worker_start"] < timeline["ready"] <= timeline["day_first_step"][0]
+    assert timeline["day_last_step"][0] < timeline["day_first_step"][1] <= timeline["day_last_step"][1]
 
 
 @pytest.fixture(scope="module")
