@@ -65,6 +65,7 @@ from cascadelab.cascade.metrics import finalize, metric_sums
 from cascadelab.cascade.models.compiled import compile_stages
 from cascadelab.platform.data.ingest import ArrowToTorch, split_by_day
 from cascadelab.platform.data.schema import DataError
+from cascadelab.platform.metric_names import LOSS_TOTAL, MetricNames
 from cascadelab.platform.tracking import Tracker
 from cascadelab.platform.train.checkpoint import read_checkpoint, write_checkpoint
 from cascadelab.platform.train.plan import RunPlan
@@ -224,16 +225,16 @@ def _client_error(exc: BaseException) -> str:
 class DayMetricsWriter:
     """Rank 0's per-day metrics, logged in day order by a background thread (off the training path).
 
-    ``put(step, metrics)`` queues a day; a day the MLflow run already has (its ``train_loss`` at that
-    step, fetched once) is skipped, so re-queueing the days a checkpoint carries logs nothing twice.
-    After a failed log call (MLflow's retries exhausted) nothing more is sent and :meth:`check` raises
+    ``put(step, metrics)`` queues a day, logged under its MLflow names (``names.day``); a day the MLflow
+    run already has (its ``loss/total`` at that step, fetched once) is skipped, so re-queueing the days a
+    checkpoint carries logs nothing twice. After a failed log call (MLflow's retries exhausted) nothing more is sent and :meth:`check` raises
     :class:`TrackingUnavailable`; :meth:`flush` waits for the queue first.
     """
 
-    SENTINEL = "train_loss"  # every day's metrics have it; one batch per day is all-or-nothing
+    SENTINEL = LOSS_TOTAL  # every day's metrics have it; one batch per day is all-or-nothing
 
-    def __init__(self, tracker: Tracker, days: tuple[str, ...], run_name: str):
-        self.tracker, self.days, self.run_name = tracker, days, run_name
+    def __init__(self, tracker: Tracker, days: tuple[str, ...], run_name: str, names: MetricNames):
+        self.tracker, self.days, self.run_name, self.names = tracker, days, run_name, names
         self.failure: TrackingUnavailable | None = None
         self._logged: set[int] | None = None
         self._queue: queue.Queue = queue.Queue()
@@ -267,7 +268,7 @@ class DayMetricsWriter:
                 history = self.tracker.client.get_metric_history(self.tracker.run_id, self.SENTINEL)
                 self._logged = {m.step for m in history}
             if step not in self._logged:
-                self.tracker.log_dict(metrics, step=step)
+                self.tracker.log_dict(self.names.day(metrics), step=step)
                 self._logged.add(step)
         except Exception as exc:  # noqa: BLE001 - any failure to log is reported once, by the loop
             self.failure = TrackingUnavailable(self.tracker.uri, self.days[step], step, time.monotonic() - t0,
@@ -460,8 +461,9 @@ def _unwrap(model: torch.nn.Module) -> Cascade:
 
 
 def evaluate(model: torch.nn.Module, shard, collate: ArrowToTorch, batch_size: int, device: torch.device,
-             day: str) -> dict[str, float]:
-    """Metric means over the evaluation data of ``day`` (each worker scores its shard; sums are all-reduced)."""
+             day: str, gt_k: int) -> dict[str, float]:
+    """Metric means over the evaluation data of ``day`` (each worker scores its shard; sums are all-reduced);
+    recalls count the ``gt_k`` ground-truth items (``objective.gt_k``)."""
     cascade = _unwrap(model)
     cascade.eval()
     sums: dict[str, float] = {}
@@ -469,7 +471,7 @@ def evaluate(model: torch.nn.Module, shard, collate: ArrowToTorch, batch_size: i
         batches = shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate, device=device)
         for tensors in read_shard(batches, day):
             batch = CascadeBatch.from_dict(tensors)
-            for key, value in metric_sums(cascade.scores(batch), cascade.ks, batch).items():
+            for key, value in metric_sums(cascade.scores(batch), cascade.ks, batch, gt_k=gt_k).items():
                 sums[key] = sums.get(key, 0.0) + value
     cascade.train()
     return finalize(_all_reduce(sums, device))
@@ -518,7 +520,8 @@ class _Trainer:
         self.model = prepare_model(model)
         self.eval_collate = self.collate_for(plan.eval_day, evaluation=True)
         self._pending = {"rows": 0.0, "busy_s": 0.0}  # local progress since the last report
-        self.writer = DayMetricsWriter(tracker, plan.train_days, plan.run_name) if self.rank == 0 else None
+        names = MetricNames.of(plan.config)
+        self.writer = DayMetricsWriter(tracker, plan.train_days, plan.run_name, names) if self.rank == 0 else None
         for step, metrics in sorted(self.day_metrics.items()) if self.writer is not None else []:
             self.writer.put(step, metrics)  # days a failure may have kept from the run; logged ones skipped
         self.live = LiveProgress(progress_sink) if self.rank == 0 and progress_sink is not None else None
@@ -678,7 +681,7 @@ class _Trainer:
             day = plan.train_days[day_index]
             name, collate = f"train-{day}", self.collate_for(day, evaluation=True)
         return evaluate(self.model, ray.train.get_dataset_shard(name), collate, self.cfg.data.eval_batch_size,
-                        self.device, day)
+                        self.device, day, self.cfg.objective.gt_k)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:

@@ -38,6 +38,7 @@ from cascadelab.platform.config import CascadeConfig, ConfigError, from_dict, ru
 from cascadelab.platform.data.ingest import arrow_to_tensors, read_day, read_days
 from cascadelab.platform.data.schema import METADATA_FILE, DataError, day_dir_files
 from cascadelab.platform.data.validate import DayFiles, find_bad_file, validate_days
+from cascadelab.platform.metric_names import SKIPPED_FILES, MetricNames
 from cascadelab.platform.runtime import decide_use_gpu, ensure_ray, one_line_error
 from cascadelab.platform.tracking import Tracker, check_tracking_uri, runs_named, source_tags
 from cascadelab.platform.train.checkpoint import CheckpointWriteError, read_checkpoint
@@ -181,7 +182,7 @@ def _open_run(plan: RunPlan, resumed: Tracker | None, tags: dict[str, str] | Non
         log_training_data(tracker, plan)
     log.info("MLflow run %s (%s) in %s", plan.run_name, tracker.run_id, plan.tracking_uri)
     if files is not None:
-        tracker.log_dict({"data_skipped_files": float(files.skipped)})
+        tracker.log_dict({SKIPPED_FILES: float(files.skipped)})
         if files.skipped:
             tracker.log_text(json.dumps(files.bad, indent=2), "skipped_files.json")
     return tracker
@@ -260,20 +261,20 @@ def _trainer(plan: RunPlan, tracker: Tracker, files: DayFiles | None, callbacks:
 
 
 def _finish(plan: RunPlan, tracker: Tracker, result, wall: float, marks: dict[str, float]) -> TrainResult:
-    """Log the final metrics (step = number of training days; the run's throughput as
-    ``samples_per_s_total``, the per-day series keeping per-day values only), the checkpoint, the
+    """Log the final metrics under their MLflow names (step = number of training days; see
+    :mod:`~cascadelab.platform.metric_names`), the checkpoint, the
     trained cascade as an MLflow model and the streaming plot."""
     returned = result.return_value or {}
     metrics = dict(returned.get("metrics", {}))
     metrics["wall_time_s"] = wall
-    logged = {("samples_per_s_total" if k == "samples_per_s" else k): v for k, v in metrics.items()}
-    tracker.log_dict(logged, step=len(plan.train_days))
+    names = MetricNames.of(plan.config)
+    tracker.log_dict(names.final(metrics), step=len(plan.train_days))
     ckpt_path = result.checkpoint.path if result.checkpoint is not None else None
     if ckpt_path and plan.run_dir is not None:
         tracker.log_artifact(ckpt_path, "checkpoint")
         log_cascade_model(tracker, plan, ckpt_path)
     if plan.config.train.streaming_eval:
-        log_streaming_plot(tracker)
+        log_streaming_plot(tracker, names)
     tracker.close("FINISHED")
     return TrainResult(tracker.run_id, plan.run_name, plan.tracking_uri, metrics, ckpt_path, wall,
                        {**marks, **returned.get("timeline", {})})
@@ -484,14 +485,15 @@ def data_failure(exc: BaseException, plan: RunPlan, files: DayFiles | None) -> D
     return DataError(failure.message) if failure.checked else None
 
 
-def log_streaming_plot(tracker: Tracker) -> None:
-    """Plot ``stream_joint_recall`` against the evaluated day and attach it to the run."""
+def log_streaming_plot(tracker: Tracker, names: MetricNames) -> None:
+    """Plot the streaming joint recall (``stream/joint_recall_at_...``) against the evaluated day and
+    attach it to the run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    history = tracker.history("stream_joint_recall")
+    history = tracker.history(names.day_name("stream_joint_recall"))
     if not history:
         return
     fig, ax = plt.subplots(figsize=(7, 3.5))

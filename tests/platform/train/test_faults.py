@@ -32,7 +32,8 @@ from cascadelab.platform.config import load_config
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
-DAY_KEYS = ("train_loss", "step_time_s", "data_wait_share", "first_batch_s")  # per-day only (not final)
+DAY_KEYS = ("loss/total", "throughput/step_time_s", "throughput/data_wait_share",
+            "throughput/first_batch_s")  # MLflow names of per-day metrics only (not final)
 
 
 def cfg_for(dataset, uri, storage, *extra):
@@ -170,14 +171,14 @@ def metric_steps(uri: str, run_id: str) -> dict[str, list[int]]:
 
 
 def day_logged(uri: str, experiment: str, step: int) -> bool:
-    """Whether some run of ``experiment`` has day ``step``'s train_loss (False while unreachable)."""
+    """Whether some run of ``experiment`` has day ``step``'s loss/total (False while unreachable)."""
     from mlflow import MlflowClient
 
     try:
         client = MlflowClient(uri)
         exp = client.get_experiment_by_name(experiment)
         runs = client.search_runs([exp.experiment_id]) if exp is not None else []
-        return any(m.step == step for r in runs for m in client.get_metric_history(r.info.run_id, "train_loss"))
+        return any(m.step == step for r in runs for m in client.get_metric_history(r.info.run_id, "loss/total"))
     except Exception:  # noqa: BLE001 - the server is starting or stopping
         return False
 
@@ -248,7 +249,7 @@ def test_a_short_tracking_outage_is_ridden_out_while_training_goes_on(server, ho
         "no checkpoint was committed while the tracking server was down: training waited for it"
     from mlflow import MlflowClient
 
-    day1 = MlflowClient(server.uri).get_metric_history(result.run_id, "train_loss")[-1]
+    day1 = MlflowClient(server.uri).get_metric_history(result.run_id, "loss/total")[-1]
     assert times["down"] < day1.timestamp / 1000 < times["up"]  # day 1 was first sent during the outage
 
 

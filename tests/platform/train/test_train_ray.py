@@ -43,13 +43,14 @@ def test_training_run_is_tracked_in_mlflow(clean_run, env):
     assert len(runs) == 1
     run = runs.iloc[0]
     assert run["status"] == "FINISHED"
-    assert run["metrics.joint_recall"] == pytest.approx(clean_run.metrics["joint_recall"])
-    assert run["metrics.samples_per_s"] > 0
+    assert run["metrics.eval/joint_recall_at_10_20"] == pytest.approx(clean_run.metrics["joint_recall"])
+    assert run["metrics.throughput/samples_per_s_total"] > 0
+    assert "metrics.joint_recall" not in runs.columns  # only the MLflow names are logged
     assert run["params.objective.name"] == "dftopk" and run["params.stages.1.model"] == "din"
     client = mlflow.MlflowClient(env["uri"])
-    history = client.get_metric_history(clean_run.run_id, "train_loss")
+    history = client.get_metric_history(clean_run.run_id, "loss/total")
     assert [m.step for m in history] == [0, 1]  # one point per training day
-    assert client.get_metric_history(clean_run.run_id, "dftopk_joint")  # objective components logged
+    assert client.get_metric_history(clean_run.run_id, "loss/dftopk_joint")  # objective components logged
     artifacts = {a.path for a in client.list_artifacts(clean_run.run_id)}
     assert {"config.yaml", "checkpoint"} <= artifacts
 
@@ -66,8 +67,9 @@ def test_the_run_shows_its_dataset_source_resolved_config_and_system_metrics(cle
     assert params["data.eval_day"] == "2024-01-15" and params["train.use_gpu"] == "false"
     assert params["data.path"] == str(env["data"].resolve()) and "train.fail_at_step" not in params
     # per-day series hold per-day values; the run's rate has its own name
-    assert [m.step for m in client.get_metric_history(clean_run.run_id, "samples_per_s")] == [0, 1]
-    assert run.data.metrics["samples_per_s_total"] == pytest.approx(clean_run.metrics["samples_per_s"])
+    assert [m.step for m in client.get_metric_history(clean_run.run_id, "throughput/samples_per_s")] == [0, 1]
+    assert [m.step for m in client.get_metric_history(clean_run.run_id, "eval/ranking_ndcg_at_10")] == [2]
+    assert run.data.metrics["throughput/samples_per_s_total"] == pytest.approx(clean_run.metrics["samples_per_s"])
     assert any(k.startswith("system/cpu_utilization") for k in run.data.metrics)
     exp = client.get_experiment(run.info.experiment_id)
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
@@ -139,9 +141,9 @@ def test_two_workers_with_streaming_evaluation(env, ray_local):
                                "train.cpus_per_worker=0.5", "train.streaming_eval=true"))
     assert result.metrics["world_size"] == 2.0
     client = mlflow.MlflowClient(env["uri"])
-    stream = client.get_metric_history(result.run_id, "stream_joint_recall")
+    stream = client.get_metric_history(result.run_id, "stream/joint_recall_at_10_20")
     assert [m.step for m in stream] == [0, 1]  # day 1 scored by the day-0 model, eval day by the final one
-    assert client.get_metric_history(result.run_id, "samples_per_s_worker1")
+    assert client.get_metric_history(result.run_id, "throughput/samples_per_s_worker1")
     assert "streaming_joint_recall.png" in {a.path for a in client.list_artifacts(result.run_id)}
 
 
@@ -245,7 +247,7 @@ def test_skip_bad_files_trains_on_the_rest_and_logs_the_count(env, two_file_data
     assert result.metrics["train_rows"] == 192 + 192 - 96 - 96  # two of four training files skipped
     client = mlflow.MlflowClient(env["uri"])
     run = client.get_run(result.run_id)
-    assert run.data.metrics["data_skipped_files"] == 2 and run.info.status == "FINISHED"
+    assert run.data.metrics["data/skipped_files"] == 2 and run.info.status == "FINISHED"
     local = client.download_artifacts(result.run_id, "skipped_files.json", str(tmp_path))
     import json
 
@@ -292,6 +294,7 @@ def three_stage_dataset(tmp_path_factory):
 
 def test_a_four_stage_cascade_logs_every_stage(env, three_stage_dataset, ray_local):
     from cascadelab.cascade.metrics import metric_names
+    from cascadelab.platform.metric_names import MetricNames
     from cascadelab.platform.train.run import run_training
 
     stages = "stages=[{model: dssm, k: 40}, {model: mlp, k: 30}, {model: din, k: 25}, {model: din, k: 20}]"
@@ -299,5 +302,7 @@ def test_a_four_stage_cascade_logs_every_stage(env, three_stage_dataset, ray_loc
     names = metric_names(4)
     assert {"prerank1_recall", "prerank2_ndcg"} <= set(names) and set(names) <= set(result.metrics)
     logged = mlflow.MlflowClient(env["uri"]).get_run(result.run_id).data.metrics
-    assert all(0.0 <= logged[name] <= 1.0 for name in names)
-    assert logged["prerank1_recall"] == pytest.approx(result.metrics["prerank1_recall"])
+    mlflow_names = MetricNames(10, (40, 30, 25, 20))
+    assert all(0.0 <= logged[mlflow_names.final_name(name)] <= 1.0 for name in names)
+    assert logged["eval/prerank1_recall_at_10_30"] == pytest.approx(result.metrics["prerank1_recall"])
+    assert logged["eval/prerank2_ndcg_at_10"] == pytest.approx(result.metrics["prerank2_ndcg"])
