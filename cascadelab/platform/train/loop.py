@@ -227,8 +227,9 @@ class DayMetricsWriter:
 
     ``put(step, metrics)`` queues a day, logged under its MLflow names (``names.day``); a day the MLflow
     run already has (its ``loss/total`` at that step, fetched once) is skipped, so re-queueing the days a
-    checkpoint carries logs nothing twice. After a failed log call (MLflow's retries exhausted) nothing more is sent and :meth:`check` raises
-    :class:`TrackingUnavailable`; :meth:`flush` waits for the queue first.
+    checkpoint carries logs nothing twice. After a failed log call (MLflow's retries exhausted) nothing
+    more is sent and :meth:`check` raises :class:`TrackingUnavailable`; :meth:`flush` waits for the
+    queue first.
     """
 
     SENTINEL = LOSS_TOTAL  # every day's metrics have it; one batch per day is all-or-nothing
