@@ -16,7 +16,8 @@ from cascadelab.platform.config import (
 def test_defaults_are_a_two_stage_dftopk_cascade():
     cfg = load_config()
     assert [(s.model, s.k) for s in cfg.stages] == [("dssm", 30), ("din", 20)]
-    assert cfg.objective.name == "dftopk" and cfg.objective.tau == 500.0
+    assert cfg.objective.name == "dftopk" and cfg.objective.tau == 5.0  # measured on the embedded default
+    assert cfg.objective.bce_last_stage_groups == 4
 
 
 def test_yaml_then_overrides(tmp_path: Path):

@@ -16,11 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -30,6 +25,7 @@ import pytest
 from cascadelab.platform import tracking
 from cascadelab.platform.config import load_config
 from cascadelab.platform.tracking import EXPERIMENT_KIND_TAG, MODEL_NAME, MODEL_TRAINING
+from tests.helpers import MlflowServer
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
 
@@ -86,47 +82,11 @@ def finished_run(tmp_path_factory, tiny_dataset, ray_session):
     return {"root": root, "uri": uri, "run": run, "dataset": run.inputs.dataset_inputs[0].dataset}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"mlflow server exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"mlflow server not healthy after {timeout_s:.0f} s:\n{log.read_text()[-3000:]}")
-
-
 def _serve(uri: str, root: Path):
     """A real ``mlflow server`` on the store at ``uri`` (as ``make ui`` starts it), on a free local port;
     yields its address."""
-    port, log = _free_port(), root / "server.log"
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
-    cmd = [str(mlflow_bin), "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
-           "--port", str(port), "--workers", "1"]
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root, start_new_session=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        _wait_healthy(url, proc, log)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with MlflowServer(root, store_uri=uri) as server:
+        yield server.uri
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ import yaml
 
 from cascadelab.platform.cluster.credentials import check_job_env, is_credential_name
 from cascadelab.platform.tracking import check_tracking_uri, resolve_tracking_uri
+from tests.helpers import free_port
 
 REPO = Path(__file__).resolve().parents[3]
 VENV_BIN = Path(sys.executable).parent
@@ -55,12 +55,6 @@ class AuthServer:
     jobs_username: str
     jobs_password: str
     admin_password: str
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _head_mlflow_commands(home: Path, port: int) -> list[str]:
@@ -117,7 +111,7 @@ def server(tmp_path_factory) -> AuthServer:
         pytest.skip("MLflow's basic-auth app needs Flask-WTF (pip install 'mlflow[auth]==3.17.2'), "
                     "which is not installed")
     home = tmp_path_factory.mktemp("head-home")
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "_MLFLOW_"))}
     env.update(HOME=str(home), PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}")
     assert mlflow_auth.main(["client-env", str(home / ".cascadelab" / "mlflow.env")]) == 0

@@ -18,7 +18,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from cascadelab.platform.cluster import jobs
+from tests.helpers import free_ports
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # the submitting process uses the cluster's mode
 pytestmark = pytest.mark.integration
@@ -43,17 +43,6 @@ class Head:
     address: str  # Jobs API URL
     env: dict[str, str]  # environment for CLI subprocesses talking to this head
     ray: str  # the `ray` executable
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _ray_exe() -> str:
@@ -105,7 +94,7 @@ def head(tmp_path_factory):
         ray.shutdown()
     log_path = tmp_path_factory.mktemp("ray_head") / "ray_start.log"
     temp_dir = tempfile.mkdtemp(prefix="cl-ray-", dir="/tmp")  # short: Unix socket paths max 107 bytes
-    gcs, dashboard, agent, client = _free_ports(4)
+    gcs, dashboard, agent, client = free_ports(4)
     env = {k: v for k, v in os.environ.items() if k not in jobs.ADDRESS_ENV}
     # One auth mode for the whole tree; jobs run `python -m ...`, so this venv's python comes first.
     env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", PATH=f"{BIN}{os.pathsep}{env['PATH']}")

@@ -17,21 +17,17 @@ import json
 import math
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from cascadelab.platform.config import load_config
+from tests.helpers import MlflowServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
-MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 DAY_KEYS = ("loss/total", "throughput/step_time_s", "throughput/data_wait_share",
             "throughput/first_batch_s")  # MLflow names of per-day metrics only (not final)
 
@@ -116,51 +112,11 @@ def wait_committed(results: Path, global_step: int, timeout: float = 120.0) -> N
     raise TimeoutError(f"Ray Train did not commit the checkpoint of global step {global_step} under {results}")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class MlflowServer:
-    """A real ``mlflow server`` (SQLite store) on a free port, killed and restarted by the tests."""
-
-    def __init__(self, root: Path):
-        self.root, self.port = root, free_port()
-        self.uri, self.proc = f"http://127.0.0.1:{self.port}", None
-
-    def start(self, timeout: float = 90.0) -> None:
-        log = open(self.root / "server.log", "ab")
-        self.proc = subprocess.Popen(
-            [MLFLOW, "server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-             "--default-artifact-root", str(self.root / "artifacts"), "--host", "127.0.0.1",
-             "--port", str(self.port), "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(self.uri + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.3)
-        raise TimeoutError(f"mlflow server did not start:\n{(self.root / 'server.log').read_text()[-2000:]}")
-
-    def kill(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGKILL)  # the CLI and its uvicorn worker: one process group
-        self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.kill()
-
-
 @pytest.fixture
 def server(tmp_path):
-    srv = MlflowServer(tmp_path)
-    srv.start()
-    yield srv
-    srv.stop()
+    """A real ``mlflow server`` (SQLite store), killed and restarted by the tests."""
+    with MlflowServer(tmp_path, artifact_root=tmp_path / "artifacts") as srv:
+        yield srv
 
 
 def metric_steps(uri: str, run_id: str) -> dict[str, list[int]]:
