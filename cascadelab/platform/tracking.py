@@ -223,7 +223,17 @@ class Tracker:
                            schema=Schema([spec(c, k) for c, k in schema])).to_dict()
         entity = Dataset(name=meta["name"], digest=meta["digest"], source_type=meta["source_type"],
                          source=meta["source"], schema=meta["schema"], profile=json.dumps(profile))
-        self.client.log_inputs(self.run_id, datasets=[DatasetInput(entity, [InputTag("mlflow.data.context", context)])])
+        inputs = [DatasetInput(entity, [InputTag("mlflow.data.context", context)])]
+        for attempt in range(3):
+            try:
+                self.client.log_inputs(self.run_id, datasets=inputs)
+                return
+            except Exception as exc:  # noqa: BLE001 - only the race below is retried
+                # two runs of one experiment logging a new dataset at once (a sweep's first trials): the
+                # SQL store's check-then-insert lets one of them fail on the dataset's unique key; the
+                # dataset exists then, and logging again links it to this run
+                if "UNIQUE constraint" not in str(exc) or attempt == 2:
+                    raise
 
     def log_pytorch_model(self, module, example: dict[str, Any], output: dict[str, Any]) -> str:
         """``module`` (a ``torch.nn.Module`` taking a dict of tensors and returning a dict of tensors) as
