@@ -209,6 +209,7 @@ class Tracker:
         from mlflow.data.dataset_source_registry import resolve_dataset_source
         from mlflow.data.meta_dataset import MetaDataset
         from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.exceptions import MlflowException
         from mlflow.types import ColSpec, Schema
         from mlflow.types.schema import Array, DataType
 
@@ -228,7 +229,7 @@ class Tracker:
             try:
                 self.client.log_inputs(self.run_id, datasets=inputs)
                 return
-            except Exception as exc:  # noqa: BLE001 - only the race below is retried
+            except MlflowException as exc:  # only the race below is retried
                 # two runs of one experiment logging a new dataset at once (a sweep's first trials): the
                 # SQL store's check-then-insert lets one of them fail on the dataset's unique key; the
                 # dataset exists then, and logging again links it to this run

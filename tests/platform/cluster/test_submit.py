@@ -21,15 +21,13 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from cascadelab.platform.cluster import jobs
-from tests.helpers import free_ports
+from tests.helpers import free_ports, wait_http_ok
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # the submitting process uses the cluster's mode
 pytestmark = pytest.mark.integration
@@ -107,19 +105,7 @@ def head(tmp_path_factory):
                                 start_new_session=True, cwd=str(log_path.parent))
     address = f"http://127.0.0.1:{dashboard}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"ray start exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{address}/api/version", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the Jobs API at {address} did not come up:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
+        wait_http_ok(f"{address}/api/version", 120, proc, log_path)  # the Jobs API is up
         yield Head(address=address, env=env, ray=_ray_exe())
     finally:
         _stop_head(proc, temp_dir)
