@@ -1,9 +1,11 @@
-"""``cascadelab demo`` (what ``make demo`` runs): synthetic data, then BCE and DFTopK on Ray, then a table."""
+"""``cascadelab demo`` (what ``make demo`` runs): synthetic data, then BCE and DFTopK on Ray over a few seeds,
+then a table of means and each method's gap to the first one with its 95% interval (paired by seed)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import statistics
 import time
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from cascadelab.platform.config import CascadeConfig, load_config, parse_overrid
 from cascadelab.platform.data.schema import METADATA_FILE
 from cascadelab.platform.data.synthetic import SyntheticConfig, generate
 from cascadelab.platform.tracking import client, ui_url
+from cascadelab.platform.tune.compare import LEVEL, difference
 from cascadelab.platform.train.run import run_training
 
 log = logging.getLogger(__name__)
@@ -42,7 +45,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default="data/demo", help="dataset directory (generated when missing)")
     p.add_argument("--days", type=int, default=4, help="days to generate (the last one is held out)")
     p.add_argument("--requests-per-day", type=int, default=4096)
-    p.add_argument("--objectives", default="bce,dftopk", help="comma-separated objective names")
+    p.add_argument("--objectives", default="bce,dftopk", help="comma-separated objective names; the first is "
+                   "the baseline of the printed gaps")
+    p.add_argument("--seeds", type=int, default=3, help="training seeds per objective: train.seed, "
+                   "train.seed + 1, ... (train.seed: 42 unless set); the gaps' intervals are paired by seed (N >= 2)")
     add_config_args(p)
     p.set_defaults(func=main)
 
@@ -64,25 +70,58 @@ def format_table(rows: list[tuple[str, dict[str, float]]], cols: list[tuple[str,
     return "\n".join(out)
 
 
+def gap_lines(runs: dict[str, list[tuple[int, dict[str, float]]]], key: str = "joint_recall") -> list[str]:
+    """One line per method after the first of ``runs`` (``name -> [(seed, metrics), ...]``): its mean
+    ``key`` minus the first method's, with the paired 95% interval and whether it excludes 0."""
+    names = list(runs)
+    base = [(seed, m[key]) for seed, m in runs[names[0]]]
+    lines = []
+    for name in names[1:]:
+        d = difference([(seed, m[key]) for seed, m in runs[name]], base)
+        n = len(runs[name])
+        if d.lo is None:
+            lines.append(f"{name} - {names[0]}: {d.mean:+.4f} (n={n}: no interval; use --seeds 2 or more)")
+            continue
+        verdict = ("outside seed noise" if d.significant else
+                   "NOT outside seed noise: train longer (more requests per day) or with more seeds")
+        lines.append(f"{name} - {names[0]}: {d.mean:+.4f}, {LEVEL:.0%} interval [{d.lo:+.4f}, {d.hi:+.4f}] "
+                     f"({d.test} over {n} seeds): {verdict}")
+    return lines
+
+
+def mean_metrics(runs: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
+    """The mean over seeds of every metric the runs share."""
+    keys = set.intersection(*(set(m) for _, m in runs))
+    return {k: statistics.fmean(m[k] for _, m in runs) for k in keys}
+
+
 def main(args: argparse.Namespace) -> int:
     data = Path(args.data)
+    if args.seeds < 1:
+        raise SystemExit(f"--seeds should be >= 1 but got {args.seeds}")
     if not (data / METADATA_FILE).is_file():
         log.info("generating %d days x %d requests into %s", args.days, args.requests_per_day, data)
         generate(SyntheticConfig(days=args.days, requests_per_day=args.requests_per_day), data,
                  overwrite=data.exists())
-    rows = []
+    runs: dict[str, list[tuple[int, dict[str, float]]]] = {}
     t0 = time.perf_counter()
     for name in [o.strip() for o in args.objectives.split(",") if o.strip()]:
         settings = {"data.path": str(data), "data.batch_size": 512, "objective.name": name,
                     "tracking.experiment": EXPERIMENT, **dict(map(parse_override, args.overrides))}
-        cfg = load_config(args.config, unflatten(settings))  # --set last: it wins
-        log.info("training %s", name)
-        result = run_training(cfg)
-        rows.append((name, result.metrics))
-        uri = result.tracking_uri
+        first_seed = load_config(args.config, unflatten(settings)).train.seed  # --set last: it wins
+        for seed in range(first_seed, first_seed + args.seeds):
+            cfg = load_config(args.config, unflatten({**settings, "train.seed": seed}))
+            log.info("training %s, seed %d", name, cfg.train.seed)
+            result = run_training(cfg)
+            runs.setdefault(name, []).append((cfg.train.seed, result.metrics))
+            uri = result.tracking_uri
     print()
-    print(format_table(rows, columns(cfg)))
-    print(f"\n{len(rows)} runs in MLflow experiment '{EXPERIMENT}' at {uri} "
+    print(format_table([(name, mean_metrics(r)) for name, r in runs.items()], columns(cfg)))
+    print(f"(means over {args.seeds} seed{'s' if args.seeds > 1 else ''}; joint recall on the held-out day)")
+    for line in gap_lines(runs):
+        print(line)
+    n_runs = sum(len(r) for r in runs.values())
+    print(f"\n{n_runs} runs in MLflow experiment '{EXPERIMENT}' at {uri} "
           f"(total {time.perf_counter() - t0:.0f} s).")
     print(f"Open them in the MLflow UI: make ui, then {ui_hint(uri)}")
     return 0

@@ -33,3 +33,27 @@ def test_the_closing_hint_links_the_demo_experiment_in_the_model_training_view(s
     assert ui_hint(sqlite_uri) == "http://127.0.0.1:5000"  # no demo run yet
     exp = Tracker.start(sqlite_uri, EXPERIMENT, "r").client.get_experiment_by_name(EXPERIMENT).experiment_id
     assert ui_hint(sqlite_uri) == f"http://127.0.0.1:5000/#/experiments/{exp}?workflowType=machine_learning"
+
+
+def test_the_gap_line_gives_the_paired_interval_and_says_whether_it_is_outside_seed_noise():
+    from cascadelab.jobs.demo import gap_lines
+
+    bce = [(42, {"joint_recall": 0.74}), (43, {"joint_recall": 0.75}), (44, {"joint_recall": 0.76})]
+    clear = [(42, {"joint_recall": 0.77}), (43, {"joint_recall": 0.79}), (44, {"joint_recall": 0.79})]
+    # paired differences 0.03, 0.04, 0.03: mean 0.0333, sd 0.00577, t(0.975, 2) = 4.3027
+    (line,) = gap_lines({"bce": bce, "dftopk": clear})
+    assert line.startswith("dftopk - bce: +0.0333, 95% interval [+0.0190, +0.0477] (paired over 3 seeds)")
+    assert line.endswith("outside seed noise") and "NOT" not in line
+    noisy = [(42, {"joint_recall": 0.78}), (43, {"joint_recall": 0.74}), (44, {"joint_recall": 0.75})]
+    (line,) = gap_lines({"bce": bce, "dftopk": noisy})
+    assert "NOT outside seed noise" in line
+    (line,) = gap_lines({"bce": bce[:1], "dftopk": clear[:1]})
+    assert line == "dftopk - bce: +0.0300 (n=1: no interval; use --seeds 2 or more)"
+
+
+def test_the_table_row_is_the_mean_over_seeds_of_the_shared_metrics():
+    from cascadelab.jobs.demo import mean_metrics
+
+    out = mean_metrics([(1, {"joint_recall": 0.5, "wall_time_s": 10.0}), (2, {"joint_recall": 0.7, "x": 1.0,
+                                                                             "wall_time_s": 20.0})])
+    assert out == {"joint_recall": 0.6, "wall_time_s": 15.0}
