@@ -328,3 +328,22 @@ def test_the_oracle_column_reads_the_runs_dataset(tmp_path, capsys, caplog):
     assert "Oracle" not in out and "| Method | Joint R@10@20 | Δ vs bce (95% CI) | Ranking R@10@20 |" in out
     warnings = [r.getMessage() for r in caplog.records]
     assert warnings == [f"no oracle column for data.path '{data}' (data directory '{data}' does not exist)"]
+
+
+def test_a_sweep_over_training_size_gets_a_learning_curve_per_method(tmp_path, capsys, naming):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = start_run(uri, "exp", "sweep-lc", {}, tags={"cascadelab.sweep": "lc"})
+    for name, gain in (("bce", 0.01), ("dftopk", 0.02)):
+        for rows in (512, 2048):
+            for seed in (0, 1):
+                joint = 0.7 + gain * rows / 512 + seed / 100
+                _run(uri, "exp", [f"objective.name={name}", f"data.max_rows_per_day={rows}", f"train.seed={seed}"],
+                     _metrics(joint), parent=parent, naming=naming)
+    end_run(uri, parent)
+    assert _cli("--sweep", "lc", "--tracking-uri", uri, "--out", str(tmp_path / "out")) == 0
+    out = capsys.readouterr().out
+    assert "### Learning curve: joint recall vs training requests per day" in out
+    assert "| Method | max_rows_per_day=512 | max_rows_per_day=2048 |" in out
+    assert "| bce | 0.7150 ± 0.0071 | 0.7450 ± 0.0071 |" in out
+    assert "| dftopk | 0.7250 ± 0.0071 | 0.7850 ± 0.0071 |" in out
+    assert {"learning_curve.csv", "learning_curve.png"} <= {p.name for p in (tmp_path / "out").iterdir()}

@@ -11,6 +11,8 @@ Tables (each as markdown for the terminal, a CSV of means/stds/run counts, and a
 * ``tau``, ``lcron_tau``, ``arf_tau``: joint recall against each temperature that varies.
 * ``sample_num``: joint recall against data.sample_num (in-batch negatives per request), when it varies.
 * ``step_time``: training step time against data.sample_num, when runs logged ``step_time_s``.
+* ``learning_curve``: joint recall against data.max_rows_per_day (training requests per day), when it
+  varies: where a method's curve levels off is the size at which its result is its converged one.
 * ``streaming``: streaming joint recall per evaluated day, for runs trained with train.streaming_eval.
 
 The metric columns come from the runs' own stage lists (their ``stages.<i>.k`` params, through
@@ -47,6 +49,7 @@ JOINT = "joint_recall"
 METHOD = "objective.name"
 SEED = "train.seed"
 SAMPLE_NUM = "data.sample_num"
+ROWS_PER_DAY = "data.max_rows_per_day"
 BASELINE = "bce"  # the method every other one is compared with
 LEVEL = 0.95  # confidence level of the difference intervals
 # params that differ between runs without being a setting of the experiment
@@ -411,6 +414,10 @@ def build_tables(runs, history=None, references=None) -> list[Table]:
                                       "Training step time vs sampled negatives (ms)",
                                       "in-batch negatives per request (sample_num)", "ms per step",
                                       scale=1000.0, digits=2))
+    if ROWS_PER_DAY in settings:
+        tables.append(curve_table(runs, settings, ROWS_PER_DAY, "joint_recall", "learning_curve",
+                                  "Learning curve: joint recall vs training requests per day",
+                                  "training requests per day (data.max_rows_per_day)", "joint recall"))
     streamed = runs["metrics.stream_joint_recall"].notna() if "metrics.stream_joint_recall" in runs else None
     if history is not None and streamed is not None and streamed.any():
         stream = streaming_frame(runs[streamed], history)

@@ -166,12 +166,15 @@ def test_missing_or_broken_files(tmp_path):
 def test_study_configs_validate(path):
     spec = load_sweep(path)
     assert spec.name == path.stem and len(spec.configs) >= 2
-    assert all(c.data.path == "data/demo" and c.data.max_rows_per_day for c in spec.configs)
+    data = "data/learning-curve" if path.stem == "learning-curve" else "data/demo"  # its header generates it
+    assert all(c.data.path == data and c.data.max_rows_per_day for c in spec.configs)
+    assert all(c.data.max_eval_rows is None for c in spec.configs)  # the whole held-out day
     assert all(c.tracking.experiment == path.stem for c in spec.configs)
 
 
-def test_the_four_studies_exist():
-    assert {p.stem for p in STUDIES} >= {"tau-sensitivity", "negative-sampling", "method-table", "streaming"}
+def test_the_studies_exist():
+    assert {p.stem for p in STUDIES} >= {"tau-sensitivity", "negative-sampling", "method-table", "streaming",
+                                         "learning-curve"}
 
 
 @pytest.mark.parametrize("metrics, error, status", [
