@@ -15,8 +15,8 @@ from cascadelab.platform.config import CascadeConfig, load_config, parse_overrid
 from cascadelab.platform.data.schema import METADATA_FILE
 from cascadelab.platform.data.synthetic import SyntheticConfig, generate
 from cascadelab.platform.tracking import client, ui_url
-from cascadelab.platform.tune.compare import LEVEL, difference
 from cascadelab.platform.train.run import run_training
+from cascadelab.platform.tune.compare import LEVEL, difference
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +109,12 @@ def main(args: argparse.Namespace) -> int:
         settings = {"data.path": str(data), "data.batch_size": 512, "objective.name": name,
                     "tracking.experiment": EXPERIMENT, **dict(map(parse_override, args.overrides))}
         first_seed = load_config(args.config, unflatten(settings)).train.seed  # --set last: it wins
+        runs[name] = []
         for seed in range(first_seed, first_seed + args.seeds):
             cfg = load_config(args.config, unflatten({**settings, "train.seed": seed}))
-            log.info("training %s, seed %d", name, cfg.train.seed)
+            log.info("training %s, seed %d", name, seed)
             result = run_training(cfg)
-            runs.setdefault(name, []).append((cfg.train.seed, result.metrics))
+            runs[name].append((seed, result.metrics))
             uri = result.tracking_uri
     print()
     print(format_table([(name, mean_metrics(r)) for name, r in runs.items()], columns(cfg)))
