@@ -18,11 +18,15 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def check_scores(scores: object, name: str = "scores") -> Tensor:
     """Validate an operator input: a floating tensor with >= 1 dim, >= 1 item and only finite values.
 
-    Returns the scores unchanged. Finiteness is read from the two extrema: ``aminmax`` propagates NaN
-    and an inf is an extremum, so both extrema are finite exactly when every value is.
+    Returns the scores unchanged. Finiteness is read from one reduction: NaN and inf propagate into the
+    sum, so a finite sum proves every value finite. A non-finite sum may also be an overflow of finite
+    values (float16 above 65504), so then the two extrema decide: ``aminmax`` propagates NaN and an
+    inf is an extremum, so both are finite exactly when every value is.
     """
     _check_tensor_layout(scores, name)
     assert isinstance(scores, Tensor)
+    if math.isfinite(scores.detach().sum()):
+        return scores
     lo, hi = torch.aminmax(scores.detach())
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError(f"'{name}' contains NaN or inf")
