@@ -104,9 +104,6 @@ def target_attention_logits(s: Tensor, t: Tensor, w: Tensor, mask: Tensor,
                          f"and {tuple(t.shape)}")
     if s.device.type != "cpu":
         return _broadcast_logits(s, t, w, mask)
-    return _blocked_logits(s, t, w, mask, budget)
-
-
-@torch.compiler.disable  # data-dependent blocks (host ints): kept out of compiled graphs
-def _blocked_logits(s: Tensor, t: Tensor, w: Tensor, mask: Tensor, budget: int) -> Tensor:
+    if torch.compiler.is_compiling():  # data-dependent blocks (host ints): kept out of compiled graphs
+        return torch.compiler.disable(_BlockedTargetAttention.apply)(s, t, w, mask, budget)
     return _BlockedTargetAttention.apply(s, t, w, mask, budget)
