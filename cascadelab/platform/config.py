@@ -8,6 +8,7 @@ rejected with the list of valid keys at that level.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import types
 import typing
 from dataclasses import dataclass, field
@@ -166,6 +167,8 @@ def _check_scalar(value: Any, tp: Any, key: str) -> Any:
         return "true" if value else "false"
     if tp is str and isinstance(value, (int, float)):
         return str(value)
+    if tp is str and isinstance(value, datetime.date):  # YAML reads an unquoted 2024-01-13 as a date
+        return value.isoformat()
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise ConfigError(f"config key '{key}': expected {tp.__name__}, got {value!r}")
     return value

@@ -30,6 +30,14 @@ def test_yaml_then_overrides(tmp_path: Path):
     assert [s.model for s in cfg.stages] == ["dssm", "mlp", "din"]
 
 
+def test_days_typed_as_dates_are_kept_as_iso_strings(tmp_path: Path):
+    f = tmp_path / "c.yaml"
+    f.write_text("data:\n  eval_day: 2024-01-24\n")  # YAML reads an unquoted day as a date
+    cfg = load_config(f, ["data.train_days=[2024-01-13, 2024-01-14]"])
+    assert cfg.data.eval_day == "2024-01-24"
+    assert cfg.data.train_days == ["2024-01-13", "2024-01-14"]
+
+
 def test_unknown_key_lists_valid_keys():
     with pytest.raises(ConfigError, match=r"unknown config key 'train.lrr'; valid keys under 'train': .*lr"):
         load_config(None, ["train.lrr=1"])

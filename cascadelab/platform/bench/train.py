@@ -150,7 +150,8 @@ def run_train_bench(cfg: TrainBenchConfig, out_dir: Path) -> dict:
 def fixed_costs(timeline: dict) -> dict:
     """Seconds of a run's fixed costs from its :attr:`TrainResult.timeline` (wall-clock marks): to the
     first step and its parts, each day boundary (``day_boundary_s[d]``: day d's last step to day d+1's
-    first), its largest, and from the last step to ``fit()``'s end (final evaluation, shutdown)."""
+    first), its largest, and from the last step to ``fit()``'s end, split into the last day's report
+    and checkpoint, the final evaluation, its report, and Ray Train's shutdown."""
     first = {int(d): t for d, t in timeline["day_first_step"].items()}
     last = {int(d): t for d, t in timeline["day_last_step"].items()}
     days = sorted(first)
@@ -162,7 +163,11 @@ def fixed_costs(timeline: dict) -> dict:
             "trainer_setup_s": timeline["ready"] - timeline["worker_start"],
             "first_batch_wait_s": first[days[0]] - timeline["ready"],
             "day_boundary_s": gaps, "day_boundary_max_s": max(gaps, default=0.0),
-            "after_last_step_s": timeline["fit_end"] - last[days[-1]]}
+            "after_last_step_s": timeline["fit_end"] - last[days[-1]],
+            "last_report_s": timeline["final_eval_start"] - last[days[-1]],
+            "final_eval_s": timeline["final_eval_end"] - timeline["final_eval_start"],
+            "final_report_s": timeline["returned"] - timeline["final_eval_end"],
+            "shutdown_s": timeline["fit_end"] - timeline["returned"]}
 
 
 def roofline(cfg, plan: RunPlan, bare: dict[str, float], ray_rate: float) -> dict[str, float]:

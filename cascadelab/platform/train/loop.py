@@ -347,12 +347,16 @@ class LoopState:
 class Timeline:
     """Rank 0's wall-clock marks (``time.time()``, comparable with the driver's on the same node) of the
     run's fixed costs: the worker function's start, the trainer ready (model built and wrapped), and per
-    day the start of its first step and the end of its last. The attempt that finished the run only."""
+    day the start of its first step and the end of its last; then the final evaluation's start and end
+    and the worker function's return. The attempt that finished the run only."""
 
     worker_start: float = field(default_factory=time.time)
     ready: float = 0.0
     day_first_step: dict[int, float] = field(default_factory=dict)
     day_last_step: dict[int, float] = field(default_factory=dict)
+    final_eval_start: float = 0.0
+    final_eval_end: float = 0.0
+    returned: float = 0.0
 
     def stepping(self, day_index: int) -> None:
         """A step of ``day_index`` is about to run (the first one of the day is recorded)."""
@@ -719,11 +723,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             t.writer.check()
     if t.writer is not None:  # every day logged before the driver logs the final metrics
         t.writer.flush()
+    timeline.final_eval_start = time.time()
     final = stream_final or t.evaluate_on(None)
+    timeline.final_eval_end = time.time()
     final = {**final, "samples_per_s": t.state.train_rows / max(t.state.train_s, 1e-9),
              "train_rows": t.state.train_rows, "global_steps": float(t.state.global_step),
              "world_size": float(t.world)}
     if t.live is not None:
         t.live.close()
     ray.train.report(final)
+    timeline.returned = time.time()
     return {"metrics": final, "timeline": asdict(timeline)}

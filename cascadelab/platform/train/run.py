@@ -250,8 +250,11 @@ def _trainer(plan: RunPlan, tracker: Tracker, files: DayFiles | None, callbacks:
                                      resources_per_worker={"CPU": train.cpus_per_worker,
                                                            **({"GPU": 1} if plan.use_gpu else {})}),
         datasets=datasets,
-        # every worker streams the whole of "train" and keeps its share of each day (loop.DayBatcher)
-        dataset_config=DataConfig(datasets_to_split=[name for name in datasets if name != "train"],
+        # every worker streams the whole of "train" and keeps its share of each day (loop.DayBatcher); the
+        # others are split between workers, and a lone worker reads them itself (a split of one would put
+        # a coordinator actor, started at the first read, in front of the pipeline)
+        dataset_config=DataConfig(datasets_to_split=[name for name in datasets
+                                                     if name != "train" and train.num_workers > 1],
                                   execution_options={name: ordered for name in datasets}),
         run_config=RunConfig(name=plan.run_name, storage_path=plan.storage_path,
                              failure_config=FailureConfig(max_failures=train.max_failures),

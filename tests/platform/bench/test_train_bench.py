@@ -42,7 +42,7 @@ def test_the_fixed_costs_add_up_to_the_time_to_the_first_step():
     from cascadelab.platform.bench.train import fixed_costs
 
     timeline = {"start": 100.0, "fit_start": 102.0, "fit_call": 103.0, "worker_start": 109.0, "ready": 109.5,
-                "fit_end": 140.0,
+                "final_eval_start": 137.25, "final_eval_end": 138.5, "returned": 138.75, "fit_end": 140.0,
                 "day_first_step": {0: 111.0, 1: 121.5, 2: 130.0}, "day_last_step": {0: 121.0, 1: 129.0, 2: 137.0}}
     cost = fixed_costs(timeline)
     assert cost["time_to_first_step_s"] == 11.0
@@ -51,3 +51,6 @@ def test_the_fixed_costs_add_up_to_the_time_to_the_first_step():
     assert sum(cost[p] for p in parts) == pytest.approx(cost["time_to_first_step_s"])
     assert cost["day_boundary_s"] == [0.5, 1.0] and cost["day_boundary_max_s"] == 1.0
     assert cost["after_last_step_s"] == 3.0
+    ends = ("last_report_s", "final_eval_s", "final_report_s", "shutdown_s")
+    assert [cost[p] for p in ends] == pytest.approx([0.25, 1.25, 0.25, 1.25])
+    assert sum(cost[p] for p in ends) == pytest.approx(cost["after_last_step_s"])
