@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -381,13 +382,27 @@ def _plot(series: dict[str, list[tuple[float, float, float]]], title: str, xlabe
     return fig
 
 
+def run_history(client) -> Callable[[str, str], list[tuple[int, float]]]:
+    """``history(run_id, key) -> [(step, value), ...]`` of internal ``key`` in logging order (by step, then
+    timestamp), under whichever name the run logged it."""
+
+    def history(run_id: str, key: str) -> list[tuple[int, float]]:
+        name = logged_as(client.get_run(run_id).data.metrics, key) or key
+        logged = sorted(client.get_metric_history(run_id, name), key=lambda m: (m.step, m.timestamp))
+        return [(m.step, m.value) for m in logged]
+
+    return history
+
+
 def streaming_frame(runs, history) -> Any:
     """One row per (run, evaluated day) from the ``stream_joint_recall`` history; ``history(run_id, key)``
-    returns ``[(step, value), ...]`` (step d: the model trained through day d, scored on day d + 1)."""
+    returns ``[(step, value), ...]`` in logging order (step d: the model trained through day d, scored on
+    day d + 1). A day logged twice (a run resumed from the checkpoint before it) counts once, its last value."""
     rows = []
     for _, run in runs.iterrows():
-        for step, value in history(run["run_id"], "stream_joint_recall"):
-            rows.append({**run.to_dict(), "params.stream_day": str(int(step) + 1),
+        by_day = {int(step): value for step, value in history(run["run_id"], "stream_joint_recall")}
+        for step, value in sorted(by_day.items()):
+            rows.append({**run.to_dict(), "params.stream_day": str(step + 1),
                          "metrics.stream_joint_recall": value})
     return pd.DataFrame(rows)
 
@@ -612,12 +627,8 @@ def compare(uri: str, sweep: str | None = None, experiment: str | None = None,
     label = f"sweep {sweep}" if sweep else f"experiment {experiment}"
     client = MlflowClient(uri)
 
-    def history(run_id: str, key: str) -> list[tuple[int, float]]:  # ``key`` under the name the run logged
-        name = logged_as(client.get_run(run_id).data.metrics, key) or key
-        return sorted((m.step, m.value) for m in client.get_metric_history(run_id, name))
-
     references = DatasetReferences()
-    tables = build_tables(runs, history, references)
+    tables = build_tables(runs, run_history(client), references)
     references.log_unavailable()
     if not tables:
         raise ConfigError(f"{'--sweep' if sweep else '--experiment'} {sweep or experiment}: no finished runs with "

@@ -37,7 +37,7 @@ from typing import Any
 import pandas as pd
 
 from cascadelab.platform.config import ConfigError
-from cascadelab.platform.metric_names import RUN_RATE, internal_name, logged_as
+from cascadelab.platform.metric_names import RUN_RATE, internal_name
 from cascadelab.platform.tracking import log_artifacts
 from cascadelab.platform.tune.compare import (
     JOINT,
@@ -49,6 +49,7 @@ from cascadelab.platform.tune.compare import (
     finished,
     load_runs,
     metric_labels,
+    run_history,
     varying_settings,
 )
 
@@ -276,17 +277,6 @@ def trials_frame(runs: pd.DataFrame, uri: str, experiment_id: str) -> pd.DataFra
 # reading the sweeps
 
 
-def _history(client) -> Callable[[str, str], list[tuple[int, float]]]:
-    """``history(run_id, key) -> [(step, value), ...]`` by step of internal ``key``, under whichever name
-    the run logged it (as compare's streaming table reads it)."""
-
-    def history(run_id: str, key: str) -> list[tuple[int, float]]:
-        name = logged_as(client.get_run(run_id).data.metrics, key) or key
-        return sorted((m.step, m.value) for m in client.get_metric_history(run_id, name))
-
-    return history
-
-
 def load_sweep(uri: str, name: str, references: DatasetReferences) -> SweepData:
     """Sweep ``name``'s child runs and compare's tables of them (ConfigError, one line naming the sweep and
     ``uri``, when there is no sweep of that name)."""
@@ -295,7 +285,7 @@ def load_sweep(uri: str, name: str, references: DatasetReferences) -> SweepData:
     runs, parent = load_runs(uri, sweep=name)
     client = MlflowClient(uri)
     experiment_id = client.get_run(parent).info.experiment_id
-    return SweepData(name, parent, experiment_id, runs, build_tables(runs, _history(client), references))
+    return SweepData(name, parent, experiment_id, runs, build_tables(runs, run_history(client), references))
 
 
 # ----------------------------------------------------------------------------------------------------------

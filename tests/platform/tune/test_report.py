@@ -1,25 +1,19 @@
 """The HTML report: its pieces from pandas frames (no Ray, no MLflow), and one page rendered from a small
-real sweep (real local Ray in its own process, real SQLite MLflow) whose tables are checked against the
-runs' metrics as MlflowClient reads them."""
+real sweep (real local Ray in its own process, real SQLite MLflow; killed and resumed: real_sweep.py) whose
+tables are checked against the runs' metrics as MlflowClient reads them."""
 
 from __future__ import annotations
 
 import base64
 import html.parser
 import json
-import os
 import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 
-from cascadelab.platform.data.synthetic import SyntheticConfig, generate
-from cascadelab.platform.tune.compare import build_tables, difference
+from cascadelab.platform.tune.compare import build_tables, difference, streaming_frame
 from cascadelab.platform.tune.report import (
     Link,
     SweepData,
@@ -30,8 +24,7 @@ from cascadelab.platform.tune.report import (
     throughput_frame,
     trials_frame,
 )
-
-ROOT = Path(__file__).parents[3]
+from tests.platform.tune.real_sweep import NAME
 
 
 class PageParser(html.parser.HTMLParser):
@@ -161,6 +154,15 @@ def test_markdown_frame_reads_compares_method_table_cell_for_cell():
         markdown_frame("no table here")
 
 
+def test_a_streaming_day_logged_twice_counts_once_with_its_last_value():
+    """A trial resumed from the checkpoint before day 1 logs day 1 again: one row per (run, day)."""
+    runs = _runs([{"params": {"objective.name": "bce", "train.seed": 0}, "metrics": {"stream_joint_recall": 0.7}}])
+    logged = {"run0": [(0, 0.5), (1, 0.9), (1, 0.7)]}  # logging order: day 1 again after the resume
+    frame = streaming_frame(runs, lambda run_id, key: logged[run_id])
+    assert frame["params.stream_day"].tolist() == ["1", "2"]
+    assert frame["metrics.stream_joint_recall"].tolist() == [0.5, 0.7]
+
+
 def test_throughput_per_method_follows_the_method_order():
     frame = throughput_frame(_grid(), methods=["dftopk", "bce"])
     assert frame["Method"].tolist() == ["dftopk", "bce"]
@@ -204,13 +206,6 @@ def test_a_page_shows_only_the_sections_it_has_data_for():
 # ---------------------------------------------------------------------------------------------- a real sweep
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
-    return env
-
-
 def _metric(run, name: str) -> float:
     """The run's final ``name`` (``joint_recall``, ``ranking_ndcg``...) under its logged name, old or new
     (``eval/joint_recall_at_10_20``)."""
@@ -229,10 +224,10 @@ def _cell(values: list[float], digits: int = 4) -> str:
     return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def _check_methods(page: PageParser, by_method: dict[str, list], dataset: Path) -> None:
+def _check_methods(page: PageParser, name: str, by_method: dict[str, list], dataset: Path) -> None:
     """Every mean ± std is the children's, the difference is paired by seed, the oracle is the dataset's
     record for the evaluation (last) day."""
-    methods = page.frame("rep/methods").set_index("Method")
+    methods = page.frame(f"{name}/methods").set_index("Method")
     assert methods.index.tolist() == ["bce", "dftopk"]
     stage_columns = [c for c in methods.columns if c.split(" ")[0] in ("Ranking", "Retrieval")]
     assert len(stage_columns) == 4
@@ -255,11 +250,11 @@ def _check_methods(page: PageParser, by_method: dict[str, list], dataset: Path) 
         assert methods.loc[method, "of oracle"] == f"{mean / oracle:.3f}"
 
 
-def _check_streaming_and_throughput(page: PageParser, by_method: dict[str, list], client) -> None:
+def _check_streaming_and_throughput(page: PageParser, name: str, by_method: dict[str, list], client) -> None:
     """Streaming cells are the children's stream joint recall history (step d: trained through day d,
     scored on day d + 1); throughput cells their samples_per_s_total."""
-    streaming = page.frame("rep/streaming").set_index("Method")
-    throughput = page.frame("rep/throughput").set_index("Method")
+    streaming = page.frame(f"{name}/streaming").set_index("Method")
+    throughput = page.frame(f"{name}/throughput").set_index("Method")
     for method, runs in by_method.items():
         histories = [{m.step: m.value for m in client.get_metric_history(r.info.run_id, _stream_key(r))}
                      for r in runs]
@@ -270,61 +265,40 @@ def _check_streaming_and_throughput(page: PageParser, by_method: dict[str, list]
         assert throughput.loc[method, "samples/s"] == _cell([_metric(r, "samples_per_s_total") for r in runs], 0)
 
 
-def _check_trials(page: PageParser, children: list, client) -> None:
+def _check_trials(page: PageParser, name: str, children: list, client) -> None:
     """One row per child run, with its run id (a sqlite store has no UI address: no links)."""
-    trials = page.frame("rep/trials")
+    trials = page.frame(f"{name}/trials")
     assert sorted(trials["MLflow run"]) == sorted(r.info.run_id for r in children)
-    assert all(href is None for row in page.tables["rep/trials"]["links"] for href in row)
+    assert all(href is None for row in page.tables[f"{name}/trials"]["links"] for href in row)
     for _, row in trials.iterrows():
         run = client.get_run(row["MLflow run"])
         assert row["Trial"] == run.info.run_name and row["status"] == "FINISHED"
         assert row["Joint R@10@20"] == f"{_metric(run, 'joint_recall'):.4f}"
 
 
-def _sweep(tmp_path: Path, dataset: Path, uri: str) -> None:
-    """bce / dftopk x seeds 0, 1 with streaming evaluation, as `cascadelab sweep` runs it (own process, own Ray)."""
-    config = tmp_path / "sweep.yaml"
-    config.write_text(yaml.safe_dump({
-        "name": "rep", "max_concurrent_trials": 2,
-        "base": {"data": {"path": str(dataset), "batch_size": 64},
-                 "train": {"num_workers": 1, "cpus_per_worker": 0.5, "storage_path": str(tmp_path / "results"),
-                           "checkpoints_to_keep": 1, "streaming_eval": True},
-                 "tracking": {"uri": uri, "experiment": "rep"}},
-        "grid": {"objective.name": ["bce", "dftopk"], "train.seed": [0, 1]}}))
-    t0 = time.monotonic()
-    sweep = subprocess.run([sys.executable, "-m", "cascadelab.jobs.sweep", str(config)], cwd=tmp_path, env=_env(),
-                           capture_output=True, text=True, timeout=540)
-    assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-3000:]
-    print(f"sweep of 4 trials: {time.monotonic() - t0:.0f} s")
-
-
 @pytest.mark.integration
 @pytest.mark.timeout(600)
-def test_report_of_a_real_sweep_matches_mlflow(tmp_path):
+def test_report_of_a_real_sweep_matches_mlflow(resumed_sweep):
     from mlflow import MlflowClient
 
     from cascadelab.cli import main
 
-    dataset = tmp_path / "data"  # three days, one batch each: two training days, streamed, and the eval day
-    generate(SyntheticConfig(days=3, requests_per_day=64, seed=7), dataset)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    _sweep(tmp_path, dataset, uri)
-
-    out = tmp_path / "report" / "rep.html"
-    assert main(["report", "--sweep", "rep", "--out", str(out), "--tracking-uri", uri]) == 0
+    assert resumed_sweep.resumed.returncode == 0, resumed_sweep.resumed.stderr[-3000:]
+    uri, dataset, name = resumed_sweep.uri, resumed_sweep.dataset, NAME
+    out = resumed_sweep.root / "report" / f"{name}.html"
+    assert main(["report", "--sweep", name, "--out", str(out), "--tracking-uri", uri]) == 0
     page = PageParser(out.read_text(encoding="utf-8"))
     client = MlflowClient(uri)
-    parent = client.search_runs([client.get_experiment_by_name("rep").experiment_id],
-                                filter_string="tags.`cascadelab.sweep` = 'rep'")[0]
+    parent = client.get_run(resumed_sweep.parent_id)
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     by_method = {m: sorted((r for r in children if r.data.params["objective.name"] == m),
                            key=lambda r: r.data.params["train.seed"]) for m in ("bce", "dftopk")}
     assert [len(v) for v in by_method.values()] == [2, 2]
     assert page.sections == ["methods", "streaming", "throughput", "trials", "left-out"]
-    _check_methods(page, by_method, dataset)
-    _check_streaming_and_throughput(page, by_method, client)
-    _check_trials(page, children, client)
+    _check_methods(page, name, by_method, dataset)
+    _check_streaming_and_throughput(page, name, by_method, client)
+    _check_trials(page, name, children, client)
     text = " ".join(" ".join(page.text).split())
     assert "Recall against temperature: no sweep varies a temperature" in text
     assert "Recall against negative samples: no sweep varies data.sample_num" in text
@@ -333,8 +307,9 @@ def test_report_of_a_real_sweep_matches_mlflow(tmp_path):
     assert sum(tag == "img" for tag, _, _ in page.refs) == 2  # the streaming curve, the throughput bars
 
     # logged to the sweep's parent run, byte for byte
-    assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} == {"report/rep.html"}
-    logged = Path(client.download_artifacts(parent.info.run_id, "report/rep.html", str(tmp_path / "dl")))
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} == {f"report/{name}.html"}
+    logged = Path(client.download_artifacts(parent.info.run_id, f"report/{name}.html",
+                                            str(resumed_sweep.root / "dl")))
     assert logged.read_bytes() == out.read_bytes()
 
 
