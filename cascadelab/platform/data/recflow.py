@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import ctypes
 import datetime as dt
-import gc
 import logging
 import pickle
 import re
@@ -461,8 +460,10 @@ SPILL_FILE = ".seq-spill.arrow"
 
 def _release_memory() -> None:
     """Hand freed memory back to the OS between phases (Arrow's pool and glibc keep it otherwise), so that
-    the next pickle does not stack on top of the previous phase's garbage."""
-    gc.collect()
+    the next pickle does not stack on top of the previous phase's garbage.
+
+    No ``gc.collect()``: a phase's pickles and frames hold no reference cycles, so reference counting has
+    freed them by the time this runs; a full collection would only walk every live object."""
     pa.default_memory_pool().release_unused()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -493,7 +494,6 @@ def convert_day(layout: RecFlowLayout, day: str, mode: str, writer: DayWriter, c
     _write_rows(writer, schema, req_cols, spill, cands, chunk)
     spill.unlink()
     del req_dict, lookups, cands
-    gc.collect()
     return DayResult(writer.rows, misses, conflicts, dict(ids.max))
 
 
@@ -661,7 +661,6 @@ def convert_recflow(src: str | Path, out: str | Path, days: list[str] | None = N
                         "their slots are masked out", day, res.misses)
         log.info("converted %s: %d requests to '%s' in %.1fs, peak RSS %.0f MiB", day, res.rows,
                  day_dir(root, day), time.perf_counter() - t0, peak_rss_mib())
-        gc.collect()
     meta.write(root)
     log.info("RecFlow -> '%s': %d days (%s) in %.1fs, peak RSS %.0f MiB", root, len(meta.days), mode,
              time.perf_counter() - t_all, peak_rss_mib())
