@@ -39,6 +39,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"weight of log-popularity in the utility (default {d.popularity_weight})")
     p.add_argument("--funnel-noise", type=float, default=d.funnel_noise,
                    help=f"noise of the simulated production ranking (default {d.funnel_noise})")
+    p.add_argument("--item-spread", type=float, default=d.item_spread,
+                   help="sd of an item's own latent part around its category's; smaller: items of a category "
+                        f"are closer to alike and the preference is learnt from categories (default {d.item_spread})")
     p.add_argument("--rows-per-file", type=int, default=d.rows_per_file,
                    help=f"requests per Parquet file, also the unit of parallel work (default {d.rows_per_file})")
     p.add_argument("--parallel", action=argparse.BooleanOptionalAction, default=None,
@@ -67,13 +70,13 @@ def parse_vocab(items: list[str]) -> dict[str, int]:
 def main(args: argparse.Namespace) -> int:
     if args.rows_per_file <= 0:
         raise ConfigError(f"--rows-per-file: expected a positive number of requests, got {args.rows_per_file}")
-    if args.popularity_skew < 0 or args.funnel_noise < 0:
-        raise ConfigError("--popularity-skew and --funnel-noise: expected values >= 0")
+    if args.popularity_skew < 0 or args.funnel_noise < 0 or args.item_spread < 0:
+        raise ConfigError("--popularity-skew, --funnel-noise and --item-spread: expected values >= 0")
     cfg = SyntheticConfig(days=args.days, requests_per_day=args.requests_per_day, seed=args.seed,
                           start_day=args.start_day, mode="three_stage" if args.three_stage else "two_stage",
                           popularity_skew=args.popularity_skew, preference_strength=args.preference_strength,
                           popularity_weight=args.popularity_weight, funnel_noise=args.funnel_noise,
-                          rows_per_file=args.rows_per_file)
+                          item_spread=args.item_spread, rows_per_file=args.rows_per_file)
     cfg.vocab.update(parse_vocab(args.vocab))
     t0 = time.perf_counter()
     meta = generate(cfg, args.out, overwrite=args.overwrite, parallel=args.parallel)

@@ -39,3 +39,13 @@ def test_generate_prints_the_reference_recalls_it_records(tmp_path, capsys):
         f"joint R@10@20 of the logged candidates ranked by the noise-free utility (oracle) {o['oracle']:.4f}, "
         f"affinity only {o['affinity']:.4f}, popularity only {o['popularity']:.4f}, random {o['random']:.4f}")
     assert o["requests"] == 128 and o["oracle"] > o["popularity"] > o["random"]
+
+
+@pytest.mark.parametrize("flag", ["--popularity-skew", "--funnel-noise", "--item-spread"])
+def test_a_negative_difficulty_knob_is_refused_before_anything_is_written(tmp_path, flag):
+    parser = argparse.ArgumentParser(prog="cascadelab")
+    generate_job.add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["generate", "--out", str(tmp_path / "d"), flag, "-0.5"])
+    with pytest.raises(ConfigError, match=f"{flag}.*expected values >= 0"):
+        generate_job.main(args)
+    assert not (tmp_path / "d").exists()

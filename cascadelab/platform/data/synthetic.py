@@ -68,6 +68,7 @@ class SyntheticConfig:
     preference_strength: float = 2.0  # weight of the planted user-item affinity in the utility
     popularity_weight: float = 0.3  # weight of log-popularity in the utility
     funnel_noise: float = 0.5  # noise of the simulated production ranking (caps the reachable recall)
+    item_spread: float = 0.5  # sd of an item's own latent part around its category's vector
     pad_prob: float = 0.1  # probability that a group has fewer than 10 real candidates
     rows_per_file: int = 65536
 
@@ -137,7 +138,7 @@ def _build_world(cfg: SyntheticConfig) -> _World:
     n_items, n_users, n_c2 = v["video_id"], v["user_id"], v["category_level_two"]
     cate_vec = rng.normal(size=(n_c2, LATENT))
     item_cate2 = rng.integers(0, n_c2, n_items)
-    item_vec = (cate_vec[item_cate2] + 0.5 * rng.normal(size=(n_items, LATENT))).astype(np.float32)
+    item_vec = (cate_vec[item_cate2] + cfg.item_spread * rng.normal(size=(n_items, LATENT))).astype(np.float32)
     favs = rng.integers(0, n_c2, (n_users, 3))
     user_vec = cate_vec[favs].mean(axis=1) + 0.3 * rng.normal(size=(n_users, LATENT))
     popularity = _Popularity.build(n_items, cfg.popularity_skew, rng)
@@ -436,12 +437,22 @@ def _check(cfg: SyntheticConfig, root: Path, overwrite: bool) -> None:
         raise DataError(f"output directory '{root}' is not empty; pass --overwrite to replace it")
 
 
+WORLD_KNOBS = ("popularity_skew", "preference_strength", "popularity_weight", "funnel_noise", "item_spread",
+               "pad_prob")
+
+
+def world_knobs(cfg: SyntheticConfig) -> dict[str, float]:
+    """The difficulty knobs of ``cfg`` (what, with the vocabulary, tells one synthetic world from another)."""
+    return {name: getattr(cfg, name) for name in WORLD_KNOBS}
+
+
 def generate(cfg: SyntheticConfig, out: str | Path, overwrite: bool = False,
              parallel: bool | None = None) -> DatasetMeta:
     """Write ``cfg.days`` days of synthetic data under ``out``; returns the dataset metadata.
 
-    ``extra.oracle`` records the joint recall of reference rankings of the logged candidates (the
-    noise-free utility, affinity alone, popularity alone, random), per day and overall: see
+    ``extra.world`` records the difficulty knobs (:func:`world_knobs`); ``extra.oracle`` the joint recall
+    of reference rankings of the logged candidates (the noise-free utility, affinity alone, popularity
+    alone, random), per day and overall: see
     :func:`reference_recalls` and :func:`oracle.summary`. Each day is written as chunks of
     ``rows_per_file`` requests, one file each. The whole dataset is written beside ``out`` and swapped in
     only when complete (:func:`daywriter.replaced_when_complete`): a failure leaves ``out`` as it was, an
@@ -463,7 +474,8 @@ def generate(cfg: SyntheticConfig, out: str | Path, overwrite: bool = False,
         meta = DatasetMeta(mode=cfg.mode, days=list(days), vocab=dict(cfg.vocab), rows_per_day=written.rows,
                            source="synthetic",
                            extra={"seed": cfg.seed, "requests_per_day": cfg.requests_per_day,
-                                  "rows_per_file": cfg.rows_per_file, "oracle": oracle.summary(written.recalls)})
+                                  "rows_per_file": cfg.rows_per_file, "world": world_knobs(cfg),
+                                  "oracle": oracle.summary(written.recalls)})
         meta.write(stage)
     log.info("wrote %d days to %s", len(days), root)
     return meta

@@ -47,6 +47,8 @@ def test_written_schema_metadata_and_padding(tmp_path):
     back = DatasetMeta.read(tmp_path / "d")
     assert back == meta and back.days == ["2024-01-13", "2024-01-14"]
     assert back.rows_per_day == {"2024-01-13": 200, "2024-01-14": 200}
+    assert back.extra["world"] == {"popularity_skew": 1.0, "preference_strength": 2.0, "popularity_weight": 0.3,
+                                   "funnel_noise": 0.5, "item_spread": 0.5, "pad_prob": 0.5}
     t = _read(tmp_path / "d", "2024-01-13")
     assert t.schema.equals(arrow_schema("two_stage"))
     for g in GROUPS_TWO_STAGE:
@@ -141,6 +143,21 @@ def test_oracle_is_the_cascade_metric_of_the_noise_free_utility(tmp_path, mode, 
     overall = recorded[view]["overall"]
     assert overall["requests"] == 600
     assert overall["oracle"] == pytest.approx(np.mean([days[d]["oracle"] for d in meta.days]), abs=1e-6)
+
+
+def test_item_spread_is_how_far_items_stray_from_their_category():
+    """item_spread 0: every item of a category has the category's vector, so the world's preference is
+    a function of categories alone; the default keeps items apart within a category."""
+    alike = _build_world(SyntheticConfig(item_spread=0.0))
+    apart = _build_world(SyntheticConfig())
+    for w, same in ((alike, True), (apart, False)):
+        first = {}
+        for item, cate in enumerate(w.item_cate2):
+            first.setdefault(cate, item)
+        pairs = [(i, first[c]) for i, c in enumerate(w.item_cate2) if first[c] != i]
+        assert pairs
+        equal = [np.array_equal(w.item_vec[i], w.item_vec[j]) for i, j in pairs]
+        assert all(equal) if same else not any(equal)
 
 
 def test_oracle_on_the_embedded_default_bounds_the_task(tmp_path):
