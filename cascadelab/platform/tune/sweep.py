@@ -18,8 +18,10 @@ Each trial is a Tune function that reserves no CPU and calls ``run_training`` wi
 The Tune experiment and the trials' Ray Train runs live under ``train.storage_path/sweeps/<name>``;
 ``resume=True`` restores it there (finished trials are not run again, including one whose MLflow run
 finished just before the kill although Tune had not saved it as terminated; unfinished ones continue
-from their last Ray Train checkpoint). The parent MLflow run holds the sweep config as params, the best
-trial's final metrics (``best/joint_recall_at_10_20``, ... and ``best.*`` tags) and ``trials.csv``.
+from their last Ray Train checkpoint). One driver runs a sweep at a time: a second start or ``--resume``
+while it runs is refused (:mod:`~cascadelab.platform.tune.lock`). The parent MLflow run holds the sweep
+config as params, the best trial's final metrics (``best/joint_recall_at_10_20``, ... and ``best.*`` tags)
+and ``trials.csv``.
 Tune and the trials table use the loop's metric keys, which follow the stage list
 (:func:`cascadelab.cascade.metrics.metric_names`); ``asha.metric`` takes a key (``train_loss``) or its
 MLflow name (``loss/total``; :mod:`cascadelab.platform.metric_names`). ray and mlflow are imported
@@ -28,6 +30,7 @@ lazily (inside functions).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import io
@@ -58,6 +61,7 @@ from cascadelab.platform.train.plan import (
     plan_run,
     resolve_storage_path,
 )
+from cascadelab.platform.tune.lock import sweep_lock
 
 log = logging.getLogger(__name__)
 
@@ -461,9 +465,17 @@ def find_parent(uri: str, experiment: str, name: str):
 def run_sweep(spec: SweepSpec, resume: bool = False) -> SweepResult:
     """Run (or with ``resume`` continue) a validated sweep on Ray; returns the per-trial table and the best.
 
-    Raises ConfigError, before Ray starts, when ``resume`` finds no sweep of that name or when a new
-    sweep's name is already taken (in MLflow or under the storage path).
+    Raises ConfigError, before Ray starts, when ``resume`` finds no sweep of that name, when a new
+    sweep's name is already taken (in MLflow or under the storage path) or when another driver is
+    running the sweep (:func:`~cascadelab.platform.tune.lock.sweep_lock`, local storage).
     """
+    path = sweep_path(spec)
+    held = contextlib.nullcontext() if uri_scheme(path) else sweep_lock(Path(path).parent, spec.name)
+    with held:
+        return _run_sweep(spec, resume)
+
+
+def _run_sweep(spec: SweepSpec, resume: bool) -> SweepResult:
     uri = resolve_tracking_uri(spec.configs[0].tracking.uri)
     experiment = spec.configs[0].tracking.experiment
     # [1] a new sweep or the continuation of one
