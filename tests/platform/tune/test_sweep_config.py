@@ -166,8 +166,10 @@ def test_missing_or_broken_files(tmp_path):
 def test_study_configs_validate(path):
     spec = load_sweep(path)
     assert spec.name == path.stem and len(spec.configs) >= 2
-    data = "data/learning-curve" if path.stem == "learning-curve" else "data/demo"  # its header generates it
-    assert all(c.data.path == data and c.data.max_rows_per_day for c in spec.configs)
+    assert "cascadelab generate --out data/learning-curve" in path.read_text()  # its header makes the data
+    assert all(c.data.path == "data/learning-curve" and c.data.max_rows_per_day for c in spec.configs)
+    if path.stem != "learning-curve":  # sized where methods separate: 11 training days x 4,096 requests
+        assert all(c.data.max_rows_per_day == 4096 and c.data.batch_size == 512 for c in spec.configs)
     assert all(c.data.max_eval_rows is None for c in spec.configs)  # the whole held-out day
     assert all(c.tracking.experiment == path.stem for c in spec.configs)
 
