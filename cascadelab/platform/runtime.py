@@ -113,7 +113,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
 
 def start_local(num_cpus: int | None = None, keep_env: bool = False) -> None:
     """Start the embedded cluster with its dashboard on a free port, advertised to the cluster's own
-    processes through ``RAY_API_SERVER_ADDRESS``.
+    processes through ``RAY_API_SERVER_ADDRESS``, with :data:`RAY_TRAIN_ENV` in its environment.
 
     Ray Train's placement-group cleaner finds the State API by auto-detection, which fails ("Found
     multiple active Ray instances") whenever another local Ray runs on the machine (a test session, a
@@ -124,6 +124,7 @@ def start_local(num_cpus: int | None = None, keep_env: bool = False) -> None:
     """
     import ray
 
+    apply_ray_train_env()  # before the cluster starts: its processes inherit it
     if os.environ.get(API_SERVER_ENV):
         ray.init(num_cpus=num_cpus, include_dashboard=True, **_init_kwargs())
         return

@@ -51,5 +51,5 @@ def test_run_sweep_refuses_a_running_sweep_before_anything_starts(tiny_dataset, 
                         "grid": {"train.seed": [0, 1]}})
     with sweep_lock(tmp_path / "results" / "sweeps", "busy"), pytest.raises(ConfigError, match="already running"):
         run_sweep(spec)
-    assert not (tmp_path / "m.db").exists()  # refused before MLflow (and Ray) were touched
+    assert not (tmp_path / "m.db").exists()  # refused before the MLflow store was opened
     assert not (tmp_path / "results" / "sweeps" / "busy").exists()
